@@ -1,0 +1,154 @@
+"""The ``distrifusion`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .modes import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, Mode
+from .model import SCHEDULERS
+
+log = logging.getLogger("distrifusion")
+
+
+class UsageError(Exception):
+    """A bad command-line value; the message names the flag."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(f"distrifusion {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distrifusion", description="DistriFusion patch-parallel diffusion")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("tiny-model", help="write the embedded default model (small, seeded random weights)")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--family", choices=("sdxl", "sd15"), default="sdxl")
+    tiny.set_defaults(handler=_tiny_model)
+
+    gen = commands.add_parser("generate", help="generate images patch-parallel over N ranks")
+    gen.add_argument("--model", required=True, type=Path, help="a local diffusers SDXL or SD 1.x/2.x folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--height", type=int, default=512)
+    gen.add_argument("--width", type=int, default=512)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--scheduler", choices=SCHEDULERS, default="euler")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--ranks", type=int, default=1, help="number of ranks (local processes, one per device)")
+    gen.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
+    gen.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
+    gen.add_argument("--no-split-cfg", action="store_true", help="every rank runs both guidance halves")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    gen.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    gen.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
+    gen.add_argument("--out", required=True, type=Path, help="PNG path (several images get _0, _1, ... suffixes)")
+    gen.add_argument("--latents-out", type=Path, default=None, help="save final latents as float32 .npy")
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def _tiny_model(args) -> int:
+    from .tiny_model import write_tiny_sd15, write_tiny_sdxl
+
+    writer = write_tiny_sdxl if args.family == "sdxl" else write_tiny_sd15
+    path = writer(args.out_dir, seed=args.seed)
+    print(f"wrote the tiny {args.family} model to {path}")
+    return 0
+
+
+def validate_generate_args(args):
+    """Checks every flag before any process starts; returns the model's ``ModelInfo``."""
+    from .layout import LayoutError, PatchLayout
+    from .model import ModelFolderError, ModelInfo
+
+    try:
+        info = ModelInfo.read(args.model)
+    except ModelFolderError as error:
+        raise UsageError(f"--model: {error}") from None
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value < 8 or value % 8:
+            raise UsageError(f"{flag} must be a positive multiple of 8, got {value}")
+    unit = info.vae_scale * info.downsampling_factor
+    if args.height % unit or args.width % unit:
+        raise UsageError(
+            f"--height and --width must be multiples of {unit} for this model "
+            f"(VAE factor {info.vae_scale} x UNet downsampling {info.downsampling_factor}), "
+            f"got {args.height}x{args.width}"
+        )
+    if args.steps < 1 or args.steps > 1000:
+        raise UsageError(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.ranks < 1:
+        raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.guidance < 0:
+        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    split = args.guidance > 1 and not args.no_split_cfg and args.ranks % 2 == 0
+    patches = args.ranks // 2 if split else args.ranks
+    try:
+        PatchLayout.split(args.height // info.vae_scale, patches, info.downsampling_factor)
+    except LayoutError as error:
+        limit = args.height // unit * (2 if split else 1)
+        raise UsageError(f"--ranks {args.ranks} is too many for --height {args.height} (at most {limit}): {error}") from None
+    return info
+
+
+def _generate(args) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .denoise import GenerationRequest, ParallelConfig
+    from .generate import GenerationJob, run_generation_job
+    from .ranks import run_on_ranks
+
+    validate_generate_args(args)
+    device_kind = args.device
+    if device_kind == "auto":
+        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_kind == "cuda" and args.ranks > torch.cuda.device_count():
+        raise UsageError(f"--ranks {args.ranks} needs {args.ranks} GPUs; {torch.cuda.device_count()} present")
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
+        num_images=args.num_images,
+    )
+    parallel = ParallelConfig(mode=Mode(args.mode), warmup_steps=args.warmup_steps, split_cfg=not args.no_split_cfg)
+    job = GenerationJob(model=str(args.model), runs=[(request, parallel)], dtype=args.dtype)
+    (output,) = run_on_ranks(args.ranks, run_generation_job, (job,), device_kind, args.threads)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [args.out] if len(output.images) == 1 else [
+        args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(output.images))
+    ]
+    for path, image in zip(paths, output.images):
+        Image.fromarray(image).save(path)
+        print(f"saved {path}")
+    if args.latents_out is not None:
+        args.latents_out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.latents_out, output.latents.astype(np.float32))
+        print(f"saved latents {args.latents_out} {tuple(output.latents.shape)}")
+    per_step = sum(output.unet_seconds) / len(output.unet_seconds)
+    print(f"rank 0 UNet time: {per_step * 1000:.1f} ms/step over {len(output.unet_seconds)} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Per-rank state of one generation: which step runs, in which mode, and where each patch-aware
+layer gets the other slabs' data from (fresh, stale or frozen). Layers ask; the exchange delivers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import patch_math
+from .exchange import BufferExchange
+from .layout import PatchLayout
+from .modes import ASYNC_GROUP_NORM, GroupNormSource, Mode
+
+
+@dataclass
+class PatchContext:
+    layout: PatchLayout
+    exchange: BufferExchange
+    mode: Mode = Mode.CORRECTED_ASYNC_GN
+    warmup_steps: int = 4
+    step: int = 0
+
+    def begin_generation(self) -> None:
+        self.exchange.reset()
+        self.step = 0
+        self.exchange.step = 0
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        self.exchange.step = step
+
+    def end_generation(self) -> None:
+        self.exchange.drain()
+
+    @property
+    def synchronous(self) -> bool:
+        # Any asynchronous mode needs one synchronous step to have something to borrow.
+        return self.mode is Mode.FULL_SYNC or self.step < max(self.warmup_steps, 1)
+
+    @property
+    def index(self) -> int:
+        return self.layout.index
+
+    def activations(self, key: str, fresh: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Every slab's published activations for this layer; this rank's slot is always ``fresh``."""
+        if self.synchronous:
+            return self.exchange.gather(key, fresh, shapes)
+        stale = self.exchange.latest(key)
+        if self.mode is not Mode.NO_SYNC:
+            self.exchange.start(key, fresh, shapes)
+        return [fresh if r == self.index else t for r, t in enumerate(stale)]
+
+    def group_norm_moments(self, key: str, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance [B, G] for this slab's GroupNorm given its fresh moments [2, B, G]."""
+        weights = self.layout.weights()
+        source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
+        shapes = [tuple(fresh.shape)] * self.layout.num_patches
+        fallback = None
+        if source is GroupNormSource.CURRENT:
+            moments = patch_math.weighted_moments(self.exchange.gather(key, fresh, shapes), weights)
+        elif source is GroupNormSource.LOCAL:
+            moments = fresh
+        else:
+            stale = self.exchange.latest(key)
+            self.exchange.start(key, fresh, shapes)
+            if source is GroupNormSource.CORRECTED:
+                moments = patch_math.corrected_moments(stale, fresh, self.index, weights)
+                fallback = fresh
+            else:
+                mixed = [fresh if r == self.index else t for r, t in enumerate(stale)]
+                moments = patch_math.weighted_moments(mixed, weights)
+        return moments[0], patch_math.variance(moments, fallback)

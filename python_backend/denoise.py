@@ -1,0 +1,156 @@
+"""The patch-parallel denoising loop of one generation on one rank.
+
+Every rank holds the full latent, runs the UNet on its slab (of its CFG half, when split), all-gathers
+the output slabs, and steps the scheduler on the full latent, so all ranks stay identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .context import PatchContext
+from .exchange import BufferExchange
+from .layout import PatchLayout
+from .model import encode_prompt, make_scheduler
+from .modes import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, Mode
+from .patch_layers import patch_unet
+from .ranks import RankGroup
+
+log = logging.getLogger("distrifusion.denoise")
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    height: int = 512
+    width: int = 512
+    steps: int = 20
+    guidance: float = 5.0
+    scheduler: str = "euler"
+    seed: int = 0
+    num_images: int = 1
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0
+
+
+@dataclass
+class ParallelConfig:
+    mode: Mode = DEFAULT_MODE
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
+    split_cfg: bool = True
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor  # final latents [B, 4, H/8, W/8]
+    unet_seconds: list[float] = field(default_factory=list)  # this rank's UNet time per step
+    events: list = field(default_factory=list)  # the layer exchange's log (ExchangeEvent)
+
+
+class PatchParallelDenoiser:
+    """Owns one rank's patched UNet and runs generations on it."""
+
+    def __init__(self, pipe, ranks: RankGroup, parallel: ParallelConfig):
+        self.pipe = pipe
+        self.ranks = ranks
+        self.parallel = parallel
+        self.factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        self.vae_scale = pipe.vae_scale_factor
+        self.context = PatchContext(
+            layout=PatchLayout((1,), self.factor),
+            exchange=BufferExchange(None, 0, 1),
+            mode=parallel.mode,
+            warmup_steps=parallel.warmup_steps,
+        )
+        patch_unet(pipe.unet, self.context)
+
+    @torch.no_grad()
+    def generate(
+        self, request: GenerationRequest, parallel: ParallelConfig | None = None, on_step=None
+    ) -> GenerationResult:
+        """Final latents of ``request``; every rank calls this with the same arguments."""
+        pipe, device = self.pipe, self.ranks.device
+        parallel = parallel or self.parallel
+        self.context.mode, self.context.warmup_steps = parallel.mode, parallel.warmup_steps
+        plan = self.ranks.plan(request.guided, parallel.split_cfg)
+        latent_height = request.height // self.vae_scale
+        self.context.layout = PatchLayout.split(latent_height, plan.size, self.factor, plan.index)
+        self.context.exchange = BufferExchange(plan.group, plan.index, plan.size)
+        outputs = _OutputGather(self.ranks, plan, self.context.layout)
+
+        cond = encode_prompt(
+            pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
+            request.height, request.width,
+        )
+        if plan.branch is not None:
+            cond = cond.half(plan.branch)
+        # diffusers' prepare_latents and prepare_extra_step_kwargs read pipe.scheduler.
+        pipe.scheduler = scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+        scheduler.set_timesteps(request.steps, device=device)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        latents = pipe.prepare_latents(
+            request.num_images, pipe.unet.config.in_channels, request.height, request.width,
+            cond.prompt_embeds.dtype, device, generator,
+        )
+        step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+
+        result = GenerationResult(latents=latents)
+        self.context.begin_generation()
+        for i, t in enumerate(scheduler.timesteps):
+            self.context.begin_step(i)
+            model_input = torch.cat([latents] * 2) if request.guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if plan.branch is not None:
+                model_input = model_input.chunk(2)[plan.branch]
+            started = time.perf_counter()
+            local = pipe.unet(
+                model_input, t, encoder_hidden_states=cond.prompt_embeds,
+                added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
+            )[0]
+            _synchronize(device)
+            result.unet_seconds.append(time.perf_counter() - started)
+            noise = outputs.assemble(local)
+            if request.guided:
+                uncond, text = noise.chunk(2)
+                noise = uncond + request.guidance * (text - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i, self.context.synchronous)
+        self.context.end_generation()
+        result.latents = latents
+        result.events = list(self.context.exchange.events)
+        return result
+
+
+class _OutputGather:
+    """All-gathers the UNet's output slabs over the whole rank group and rebuilds the full batch."""
+
+    def __init__(self, ranks: RankGroup, plan, layout: PatchLayout):
+        import torch.distributed as dist
+
+        self.plan = plan
+        self.layout = layout
+        self.exchange = BufferExchange(
+            dist.group.WORLD if ranks.world_size > 1 else None, ranks.rank, ranks.world_size, record=False
+        )
+        self.copies = ranks.world_size // plan.size  # 2 when the CFG halves are split, else 1
+
+    def assemble(self, local: torch.Tensor) -> torch.Tensor:
+        rows = self.layout.scaled(local.shape[2])
+        shapes = [(*local.shape[:2], r, local.shape[3]) for r in rows] * self.copies
+        slabs = self.exchange.gather("unet_output", local, shapes)
+        size = self.plan.size
+        halves = [torch.cat(slabs[h * size : (h + 1) * size], dim=2) for h in range(self.copies)]
+        return torch.cat(halves, dim=0)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

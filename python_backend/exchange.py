@@ -1,0 +1,117 @@
+"""How patch buffers travel between the ranks of a patch group.
+
+``BufferExchange`` all-gathers one tensor per rank under a key, blocking or asynchronously, and keeps
+the latest gathered list per key. Tensors of unequal shapes (unequal slabs) are flattened and padded
+to the largest, so one fixed-size collective serves gloo and NCCL alike. It knows nothing of layers
+or modes; it only records, for inspection, when each collective was started and waited for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ExchangeEvent:
+    key: str
+    kind: str  # "blocking", "started", "waited"
+    step: int  # the step in which this happened
+    started_step: int  # the step in which the collective was started
+    nbytes: int  # bytes this rank published
+
+
+@dataclass
+class _Gather:
+    started_step: int
+    shapes: list[tuple[int, ...]]
+    buffers: list[torch.Tensor]
+    work: object | None  # the async handle, None once complete
+    result: list[torch.Tensor] | None = None
+
+
+@dataclass
+class BufferExchange:
+    group: object | None  # a torch.distributed process group; None with a single rank
+    index: int  # this rank's position in ``group``
+    size: int  # ranks in ``group``
+    step: int = 0
+    record: bool = True
+    events: list[ExchangeEvent] = field(default_factory=list)
+    _latest: dict[str, _Gather] = field(default_factory=dict)
+
+    def gather(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Blocking all-gather; the result becomes the latest for ``key``."""
+        self._retire(key)
+        pending = self._launch(tensor, shapes, async_op=False)
+        self._log(key, "blocking", self.step, tensor)
+        self._latest[key] = pending
+        return self._complete(pending)
+
+    def start(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> None:
+        """Starts an async all-gather; ``latest(key)`` waits for it when it is next needed."""
+        self._retire(key)
+        self._latest[key] = self._launch(tensor, shapes, async_op=True)
+        self._log(key, "started", self.step, tensor)
+
+    def latest(self, key: str) -> list[torch.Tensor] | None:
+        """The most recent gathered list for ``key`` (waiting for it if still in flight), or None."""
+        pending = self._latest.get(key)
+        if pending is None:
+            return None
+        if pending.result is None:
+            self._log(key, "waited", pending.started_step, None)
+        return self._complete(pending)
+
+    def drain(self) -> None:
+        """Waits for every collective still in flight (end of a generation)."""
+        for pending in self._latest.values():
+            self._complete(pending)
+
+    def reset(self) -> None:
+        """Forgets every buffer, so nothing carries over into the next generation."""
+        self.drain()
+        self._latest.clear()
+        self.events.clear()
+        self.step = 0
+
+    # --- internals ---
+
+    def _launch(self, tensor: torch.Tensor, shapes: list[tuple[int, ...]], async_op: bool) -> _Gather:
+        shapes = [tuple(s) for s in shapes]
+        if tuple(tensor.shape) != shapes[self.index]:
+            raise ValueError(f"published shape {tuple(tensor.shape)} != expected {shapes[self.index]}")
+        if self.size == 1:
+            return _Gather(self.step, shapes, [tensor.contiguous()], None)
+        longest = max(math.prod(s) for s in shapes)
+        flat = tensor.reshape(-1)
+        if flat.numel() < longest:
+            flat = torch.cat([flat, flat.new_zeros(longest - flat.numel())])
+        flat = flat.contiguous()
+        buffers = [torch.empty_like(flat) for _ in range(self.size)]
+        work = dist.all_gather(buffers, flat, group=self.group, async_op=async_op)
+        return _Gather(self.step, shapes, buffers, work if async_op else None)
+
+    def _complete(self, pending: _Gather) -> list[torch.Tensor]:
+        if pending.result is None:
+            if pending.work is not None:
+                pending.work.wait()
+                pending.work = None
+            pending.result = [
+                buf[: math.prod(shape)].view(shape) for buf, shape in zip(pending.buffers, pending.shapes)
+            ]
+        return pending.result
+
+    def _retire(self, key: str) -> None:
+        # Collectives must complete in launch order on every rank; never leave one dangling.
+        old = self._latest.get(key)
+        if old is not None and old.work is not None:
+            self._complete(old)
+
+    def _log(self, key: str, kind: str, started_step: int, tensor: torch.Tensor | None) -> None:
+        if self.record:
+            nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
+            self.events.append(ExchangeEvent(key, kind, self.step, started_step, nbytes))

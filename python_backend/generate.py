@@ -1,0 +1,78 @@
+"""One rank's share of ``distrifusion generate``: load, denoise patch-parallel, decode on rank 0."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .denoise import GenerationRequest, ParallelConfig, PatchParallelDenoiser
+from .model import decode_latents, load_pipeline
+from .ranks import RankGroup
+
+log = logging.getLogger("distrifusion.generate")
+
+
+@dataclass
+class GenerationJob:
+    model: str
+    runs: list[tuple[GenerationRequest, ParallelConfig]]
+    decode: bool = True
+    progress: bool = True
+    dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU
+
+
+@dataclass
+class RunOutput:
+    latents: np.ndarray  # float32 [B, 4, H/8, W/8]
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 [H, W, 3] each, when decoded
+    unet_seconds: list[float] = field(default_factory=list)
+    events: list = field(default_factory=list)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
+    pipe = load_pipeline(job.model, ranks.device, _dtype(job.dtype, ranks.device))
+    denoiser = PatchParallelDenoiser(pipe, ranks, job.runs[0][1])
+    outputs = []
+    for request, parallel in job.runs:
+        progress = _StepProgress(request, parallel, ranks) if job.progress and ranks.rank == 0 else None
+        result = denoiser.generate(request, parallel, on_step=progress)
+        if progress is not None:
+            progress.close()
+        output = RunOutput(
+            latents=result.latents.float().cpu().numpy(), unet_seconds=result.unet_seconds, events=result.events
+        )
+        if job.decode and ranks.rank == 0:
+            log.info("decoding %d image(s) with the VAE", request.num_images)
+            output.images = [np.asarray(image) for image in decode_latents(pipe, result.latents)]
+        outputs.append(output)
+    return outputs
+
+
+class _StepProgress:
+    def __init__(self, request: GenerationRequest, parallel: ParallelConfig, ranks: RankGroup):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=request.steps,
+            desc=f"denoising on {ranks.world_size} rank(s), {parallel.mode.value}",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def __call__(self, step: int, synchronous: bool) -> None:
+        self.bar.set_postfix_str("synchronous" if synchronous else "asynchronous", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,147 @@
+"""Loading a local diffusers folder (SDXL or SD 1.x/2.x), its schedulers and its prompt encoding.
+
+Prompt encoding, initial noise and the step arguments are diffusers' own pipeline methods, so the
+denoising loop sees exactly what ``StableDiffusionXLPipeline.__call__`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("distrifusion.model")
+
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
+
+
+class ModelFolderError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What can be read from a model folder's configs without loading weights."""
+
+    path: Path
+    family: str  # "sdxl" or "sd"
+    downsampling_factor: int  # latent rows per patch unit
+    vae_scale: int  # pixels per latent row
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "ModelInfo":
+        path = Path(path)
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelFolderError(f"no diffusers model folder at {path} (model_index.json missing)")
+        pipeline_class = json.loads(index.read_text()).get("_class_name", "")
+        unet_config = json.loads((path / "unet" / "config.json").read_text())
+        vae_config = json.loads((path / "vae" / "config.json").read_text())
+        family = "sdxl" if "XL" in pipeline_class else "sd"
+        return cls(
+            path=path,
+            family=family,
+            downsampling_factor=2 ** (len(unet_config["block_out_channels"]) - 1),
+            vae_scale=2 ** (len(vae_config["block_out_channels"]) - 1),
+        )
+
+
+def load_pipeline(path: str | os.PathLike, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Loads the folder's diffusers pipeline from local files only."""
+    from diffusers import DiffusionPipeline
+
+    info = ModelInfo.read(path)
+    log.info("loading %s pipeline from %s onto %s (%s)", info.family, info.path, device, dtype)
+    pipe = DiffusionPipeline.from_pretrained(str(info.path), torch_dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def make_scheduler(name: str, config):
+    """A fresh scheduler of the named kind built from the model's scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "euler-a":
+        return EulerAncestralDiscreteScheduler.from_config(config)
+    if name == "dpmpp-2m":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of one UNet call; with guidance the unconditional half comes first."""
+
+    prompt_embeds: torch.Tensor
+    added_cond_kwargs: dict | None  # SDXL's pooled text embeds and size/crop time ids
+
+    def half(self, which: int) -> "Conditioning":
+        """The unconditional (0) or conditional (1) half of a guided batch."""
+        def pick(t):
+            return t.chunk(2)[which]
+
+        added = None if self.added_cond_kwargs is None else {k: pick(v) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(pick(self.prompt_embeds), added)
+
+
+def encode_prompt(
+    pipe, prompt: str, negative_prompt: str | None, num_images: int, guided: bool, height: int, width: int
+) -> Conditioning:
+    """Prompt embeddings exactly as diffusers' pipeline builds them for ``__call__``."""
+    device = pipe._execution_device
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt,
+        )
+        projection_dim = (
+            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        )
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=embeds.dtype, text_encoder_projection_dim=projection_dim
+        )
+        if guided:
+            embeds = torch.cat([negative, embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        time_ids = time_ids.to(device).repeat(num_images, 1)
+        return Conditioning(embeds.to(device), {"text_embeds": pooled.to(device), "time_ids": time_ids})
+    embeds, negative = pipe.encode_prompt(
+        prompt, device, num_images, guided, negative_prompt=negative_prompt
+    )
+    if guided:
+        embeds = torch.cat([negative, embeds])
+    return Conditioning(embeds, None)
+
+
+def decode_latents(pipe, latents: torch.Tensor):
+    """PIL images from final latents, as the pipeline's own VAE decoding and post-processing."""
+    vae = pipe.vae
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    latents = latents.to(vae.device, vae.dtype)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")

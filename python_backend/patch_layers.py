@@ -1,0 +1,131 @@
+"""Patch-aware replacements for the layers of a diffusers UNet that look across slab borders.
+
+Each wrapper keeps the original layer's weights, publishes what the other slabs need, asks the
+``PatchContext`` for the other slabs' data and computes with ``patch_math``. ``patch_unet`` swaps
+them into a UNet in place; the UNet's own forward then runs unchanged on this rank's slab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import patch_math
+from .context import PatchContext
+
+
+class PatchConv2d(nn.Module):
+    """A convolution with kernel height > 1 on a slab: borrows halo rows from the neighbours."""
+
+    def __init__(self, conv: nn.Conv2d, key: str, context: PatchContext):
+        super().__init__()
+        self.conv = conv
+        self.key = key
+        self.context = context
+        self.halo = patch_math.Halo.of(conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] < max(self.halo.top, self.halo.bottom):
+            raise ValueError(f"{self.key}: a slab of {x.shape[2]} rows is thinner than the halo {self.halo}")
+        payload = patch_math.halo_payload(x, self.halo)
+        payloads = self.context.activations(self.key, payload, [tuple(payload.shape)] * self.context.layout.num_patches)
+        above, below = patch_math.neighbour_rows(payloads, self.context.index, self.halo, x)
+        return patch_math.conv_rows(self.conv, torch.cat([above, x, below], dim=2))
+
+
+class SlicedInputConv(nn.Module):
+    """``conv_in``: reads the full fresh latent and computes only this rank's output rows."""
+
+    def __init__(self, conv: nn.Conv2d, context: PatchContext):
+        super().__init__()
+        self.conv = conv
+        self.context = context
+        self.halo = patch_math.Halo.of(conv)
+
+    def forward(self, full: torch.Tensor) -> torch.Tensor:
+        start, stop = self.context.layout.row_range(full.shape[2])
+        return patch_math.conv_rows(self.conv, patch_math.slice_with_halo(full, start, stop, self.halo))
+
+
+class PatchGroupNorm(nn.Module):
+    """GroupNorm whose statistics cover the whole map, per the context's mode."""
+
+    def __init__(self, norm: nn.GroupNorm, key: str, context: PatchContext):
+        super().__init__()
+        self.norm = norm
+        self.key = key
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fresh = patch_math.group_moments(x, self.norm.num_groups)
+        mean, var = self.context.group_norm_moments(self.key, fresh)
+        return patch_math.group_normalize(x, self.norm, mean, var)
+
+
+class PatchSelfAttentionProcessor:
+    """A diffusers attention processor for self-attention over the whole image's tokens.
+
+    Queries are local; keys and values of the other slabs come from the context. The tokens of a
+    slab are contiguous in raster order, so the full sequence is the slabs' tokens in rank order.
+    """
+
+    def __init__(self, key: str, context: PatchContext):
+        self.key = key
+        self.context = context
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{self.key}: the patch self-attention takes no encoder states or mask")
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise ValueError(f"{self.key}: only token-sequence self-attention (as in transformer blocks) is supported")
+        residual = hidden_states
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            query = _per_head(attn.norm_q, query, attn.heads)
+        if attn.norm_k is not None:
+            key = _per_head(attn.norm_k, key, attn.heads)
+        fresh = torch.cat([key, value], dim=-1)
+        tokens = self.context.layout.scaled(fresh.shape[1])
+        shapes = [(fresh.shape[0], t, fresh.shape[2]) for t in tokens]
+        key_value = torch.cat(self.context.activations(self.key, fresh, shapes), dim=1)
+        full_key, full_value = key_value.split(key.shape[-1], dim=-1)
+        out = patch_math.attention(query, full_key, full_value, attn.heads)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _per_head(norm: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, tokens, inner = x.shape
+    return norm(x.view(batch, tokens, heads, inner // heads)).view(batch, tokens, inner)
+
+
+def patch_unet(unet: nn.Module, context: PatchContext) -> nn.Module:
+    """Replaces, in place, every layer of ``unet`` that reads across slab borders.
+
+    conv_in becomes a sliced-input conv; every other conv with kernel height > 1 a halo conv; every
+    GroupNorm a whole-map GroupNorm; every self-attention a whole-image attention. Returns ``unet``.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    if any(isinstance(m, (PatchConv2d, SlicedInputConv, PatchGroupNorm)) for m in unet.modules()):
+        raise ValueError("this UNet is already patched")
+    replacements = []
+    for name, module in unet.named_modules():
+        for child_name, child in module.named_children():
+            key = f"{name}.{child_name}" if name else child_name
+            if key == "conv_in":
+                replacements.append((module, child_name, SlicedInputConv(child, context)))
+            elif isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
+                replacements.append((module, child_name, PatchConv2d(child, key, context)))
+            elif isinstance(child, nn.GroupNorm):
+                replacements.append((module, child_name, PatchGroupNorm(child, key, context)))
+            elif isinstance(child, Attention) and not child.is_cross_attention:
+                child.set_processor(PatchSelfAttentionProcessor(key, context))
+    for module, child_name, wrapper in replacements:
+        setattr(module, child_name, wrapper)
+    return unet

@@ -1,0 +1,137 @@
+"""What a patch-aware layer computes from its own slab and the other slabs' data.
+
+Pure tensor functions: no communication, no module state. The caller decides whether the other
+slabs' data is fresh or from the previous step (see ``context.py``); the results here do not care.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+# --- convolution halos ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Halo:
+    """Rows a convolution reads above and below each output row's input window."""
+
+    top: int
+    bottom: int
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv2d) -> "Halo":
+        k = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1
+        pad = conv.padding[0]
+        if isinstance(conv.padding, str):
+            raise ValueError(f"string padding {conv.padding!r} is not supported for patch convolutions")
+        return cls(top=pad, bottom=k - 1 - pad)
+
+    @property
+    def rows(self) -> int:
+        return self.top + self.bottom
+
+
+def halo_payload(x: torch.Tensor, halo: Halo) -> torch.Tensor:
+    """The rows a slab publishes: its first ``bottom`` rows (for the rank above) and its last ``top``
+    rows (for the rank below)."""
+    first = x[:, :, : halo.bottom]
+    last = x[:, :, x.shape[2] - halo.top :]
+    return torch.cat([first, last], dim=2)
+
+
+def neighbour_rows(payloads: list[torch.Tensor], index: int, halo: Halo, like: torch.Tensor):
+    """Rows to stack above and below slab ``index`` from every slab's published payload.
+
+    The global top and bottom get zeros, as the convolution's own zero padding would."""
+    shape = (like.shape[0], like.shape[1], None, like.shape[3])
+    if index > 0:
+        above = payloads[index - 1][:, :, halo.bottom :]
+    else:
+        above = like.new_zeros(shape[0], shape[1], halo.top, shape[3])
+    if index < len(payloads) - 1:
+        below = payloads[index + 1][:, :, : halo.bottom]
+    else:
+        below = like.new_zeros(shape[0], shape[1], halo.bottom, shape[3])
+    return above, below
+
+
+def conv_rows(conv: torch.nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
+    """``conv`` applied to a slab that already carries its vertical halo rows."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported for patch convolutions")
+    return F.conv2d(
+        padded,
+        conv.weight,
+        conv.bias,
+        stride=conv.stride,
+        padding=(0, conv.padding[1]),
+        dilation=conv.dilation,
+        groups=conv.groups,
+    )
+
+
+def slice_with_halo(full: torch.Tensor, start: int, stop: int, halo: Halo) -> torch.Tensor:
+    """Rows [start - top, stop + bottom) of a full map, zero-filled beyond its top and bottom."""
+    padded = F.pad(full, (0, 0, halo.top, halo.bottom))
+    return padded[:, :, start : stop + halo.rows]
+
+
+# --- self-attention ------------------------------------------------------------------------------
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention of local queries [B, Tq, C] over all keys/values [B, Tk, C]."""
+    batch, tokens, inner = query.shape
+    head_dim = inner // heads
+    q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(batch, tokens, inner).to(query.dtype)
+
+
+# --- GroupNorm statistics ------------------------------------------------------------------------
+
+
+def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-(sample, group) [E[x], E[x^2]] of a slab in float32, shape [2, B, G]."""
+    flat = x.reshape(x.shape[0], groups, -1).float()
+    return torch.stack([flat.mean(dim=-1), flat.square().mean(dim=-1)])
+
+
+def weighted_moments(moments: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Moments of the whole map from each slab's moments, weighted by element count."""
+    total = moments[0] * weights[0]
+    for m, w in zip(moments[1:], weights[1:]):
+        total = total + m * w
+    return total
+
+
+def corrected_moments(stale: list[torch.Tensor], fresh: torch.Tensor, index: int, weights: list[float]):
+    """Stale global moments shifted by how much this slab's moments moved since the last step."""
+    return weighted_moments(stale, weights) + (fresh - stale[index])
+
+
+def variance(moments: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """Biased variance E[x^2] - E[x]^2; where it comes out negative, ``fallback``'s variance."""
+    var = moments[1] - moments[0].square()
+    if fallback is not None:
+        var = torch.where(var < 0, fallback[1] - fallback[0].square(), var)
+    return var
+
+
+def group_normalize(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
+    """Applies GroupNorm with given per-(sample, group) mean and variance [B, G]."""
+    batch, groups = mean.shape
+    shape = x.shape
+    flat = x.reshape(batch, groups, -1).float()
+    y = (flat - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
+    y = y.reshape(shape).to(x.dtype)
+    if norm.affine:
+        affine_shape = (1, -1) + (1,) * (len(shape) - 2)
+        y = y * norm.weight.view(affine_shape) + norm.bias.view(affine_shape)
+    return y

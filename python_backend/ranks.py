@@ -1,0 +1,128 @@
+"""The rank group: processes that generate one image together, and how they are started.
+
+Ranks talk through torch.distributed: NCCL between GPUs, gloo on CPU, the same code. With
+classifier-free guidance split, ranks [0, N/2) form the unconditional patch group and [N/2, N)
+the conditional one; otherwise all ranks form one patch group running the whole guided batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("distrifusion.ranks")
+
+
+@dataclass
+class PatchPlan:
+    """How one generation maps onto the rank group."""
+
+    group: object | None  # process group of this rank's patch group (None: single rank)
+    size: int  # ranks in the patch group
+    index: int  # this rank's slab index inside it
+    branch: int | None  # 0 unconditional, 1 conditional, None: the whole guided batch
+
+
+@dataclass
+class RankGroup:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    halves: tuple | None = None  # the two CFG patch groups, when world_size is even and >= 2
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "RankGroup":
+        return cls(device=torch.device(device))
+
+    @classmethod
+    def join(cls, rank: int, world_size: int, address: str, port: int, device_kind: str = "cpu") -> "RankGroup":
+        """Joins (collectively) the process group; every rank calls this with the same arguments."""
+        if device_kind == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size
+        )
+        halves = None
+        if world_size >= 2 and world_size % 2 == 0:
+            half = world_size // 2
+            halves = (dist.new_group(list(range(half))), dist.new_group(list(range(half, world_size))))
+        if rank == 0:
+            log.info("rank group of %d ready (%s)", world_size, backend)
+        return cls(rank=rank, world_size=world_size, device=device, halves=halves)
+
+    def plan(self, guided: bool, split_cfg: bool) -> PatchPlan:
+        if self.world_size == 1:
+            return PatchPlan(group=None, size=1, index=0, branch=None)
+        if guided and split_cfg and self.halves is not None:
+            half = self.world_size // 2
+            branch = self.rank // half
+            return PatchPlan(group=self.halves[branch], size=half, index=self.rank % half, branch=branch)
+        return PatchPlan(group=dist.group.WORLD, size=self.world_size, index=self.rank, branch=None)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, device_kind, threads, job, args, results):
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    if device_kind == "cpu":
+        torch.set_num_threads(threads)
+    group = RankGroup.join(rank, world_size, "127.0.0.1", port, device_kind)
+    try:
+        result = job(group, *args)
+        if rank == 0:
+            results.put(result)
+    finally:
+        group.close()
+
+
+def run_on_ranks(world_size: int, job, args: tuple = (), device_kind: str = "cpu", threads: int | None = None):
+    """Runs ``job(rank_group, *args)`` on ``world_size`` ranks and returns rank 0's result.
+
+    One rank runs in this process; more ranks are started as local processes, one per device.
+    """
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    if world_size == 1:
+        if device_kind == "cpu":
+            torch.set_num_threads(threads)
+        device = "cuda" if device_kind == "cuda" else "cpu"
+        return job(RankGroup.single(device), *args)
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    port = free_port()
+    log.info("starting %d rank processes (%s, %d thread(s) each)", world_size, device_kind, threads)
+    processes = mp.start_processes(
+        _rank_main,
+        args=(world_size, port, device_kind, threads, job, args, results),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    # Read while waiting: a large result would otherwise fill the pipe and block rank 0's exit.
+    received = []
+    while not processes.join(timeout=0.2):
+        if not received and not results.empty():
+            received.append(results.get())
+    if not received and not results.empty():
+        received.append(results.get())
+    if not received:
+        raise RuntimeError("rank 0 finished without a result")
+    return received[0]
