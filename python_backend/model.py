@@ -56,7 +56,7 @@ def load_pipeline(path: str | os.PathLike, device: torch.device, dtype: torch.dt
 
     info = ModelInfo.read(path)
     log.info("loading %s pipeline from %s onto %s (%s)", info.family, info.path, device, dtype)
-    pipe = DiffusionPipeline.from_pretrained(str(info.path), torch_dtype=dtype, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(str(info.path), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

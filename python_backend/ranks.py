@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 
@@ -86,7 +87,9 @@ def _rank_main(rank, world_size, port, device_kind, threads, job, args, results)
     try:
         result = job(group, *args)
         if rank == 0:
-            results.put(result)
+            # Plain pickle copies tensors inline; the queue's own pickler would pass shared memory
+            # that disappears with this process.
+            results.put(pickle.dumps(result))
     finally:
         group.close()
 
@@ -120,9 +123,9 @@ def run_on_ranks(world_size: int, job, args: tuple = (), device_kind: str = "cpu
     received = []
     while not processes.join(timeout=0.2):
         if not received and not results.empty():
-            received.append(results.get())
+            received.append(pickle.loads(results.get()))
     if not received and not results.empty():
-        received.append(results.get())
+        received.append(pickle.loads(results.get()))
     if not received:
         raise RuntimeError("rank 0 finished without a result")
     return received[0]

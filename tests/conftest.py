@@ -1,0 +1,26 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from python_backend.tiny_model import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory):
+    from python_backend.tiny_model import write_tiny_sd15
+
+    return write_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15", seed=0)
+
+
+def relative_l2(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -1,0 +1,74 @@
+"""The patch math alone: slab-wise results equal whole-map results when the others' data is fresh."""
+
+import pytest
+import torch
+
+from python_backend import patch_math
+from python_backend.layout import PatchLayout
+
+
+def _slabs(x, layout):
+    return [x[:, :, slice(*PatchLayout(layout.units, layout.unit_rows, r).row_range(x.shape[2]))]
+            for r in range(layout.num_patches)]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("units", [(2, 2), (3, 2, 1), (1, 1, 1, 1)])
+def test_halo_conv_equals_full_conv(stride, units):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, stride=stride, padding=1)
+    layout = PatchLayout(units, 4)
+    x = torch.randn(2, 3, 4 * sum(units), 12)
+    halo = patch_math.Halo.of(conv)
+    slabs = _slabs(x, layout)
+    payloads = [patch_math.halo_payload(s, halo) for s in slabs]
+    outputs = []
+    for r, slab in enumerate(slabs):
+        above, below = patch_math.neighbour_rows(payloads, r, halo, slab)
+        outputs.append(patch_math.conv_rows(conv, torch.cat([above, slab, below], dim=2)))
+    torch.testing.assert_close(torch.cat(outputs, dim=2), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sliced_input_equals_full_conv_rows():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 16, 8)
+    halo = patch_math.Halo.of(conv)
+    out = patch_math.conv_rows(conv, patch_math.slice_with_halo(x, 4, 10, halo))
+    torch.testing.assert_close(out, conv(x)[:, :, 4:10], rtol=1e-5, atol=1e-5)
+
+
+def test_group_moments_combine_to_torch_group_norm():
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 8, 12, 6) * 2 + 0.5
+    layout = PatchLayout((3, 2, 1), 2)
+    slabs = _slabs(x, layout)
+    moments = patch_math.weighted_moments([patch_math.group_moments(s, 4) for s in slabs], layout.weights())
+    var = patch_math.variance(moments)
+    out = torch.cat([patch_math.group_normalize(s, norm, moments[0], var) for s in slabs], dim=2)
+    torch.testing.assert_close(out, norm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_corrected_moments_shift_stale_global_by_local_change():
+    stale = [torch.full((2, 1, 1), v) for v in (1.0, 3.0)]
+    fresh = torch.full((2, 1, 1), 2.0)
+    corrected = patch_math.corrected_moments(stale, fresh, 0, [0.5, 0.5])
+    # stale global 2.0, plus the local change 2.0 - 1.0 (not weighted)
+    assert torch.allclose(corrected, torch.full((2, 1, 1), 3.0))
+
+
+def test_negative_variance_falls_back_to_local():
+    moments = torch.tensor([[[2.0]], [[1.0]]])  # E[x]^2 > E[x^2]: negative variance
+    local = torch.tensor([[[1.0]], [[3.0]]])
+    assert patch_math.variance(moments, local).item() == pytest.approx(2.0)
+    assert patch_math.variance(local).item() == pytest.approx(2.0)
+
+
+def test_local_queries_over_full_keys_equal_full_attention_rows():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 24, 16) for _ in range(3))
+    full = patch_math.attention(q, k, v, heads=4)
+    part = patch_math.attention(q[:, 8:20], k, v, heads=4)
+    torch.testing.assert_close(part, full[:, 8:20], rtol=1e-5, atol=1e-6)
