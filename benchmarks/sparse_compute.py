@@ -1,0 +1,124 @@
+"""Sparse computation: one rank's UNet time per step at N = 2 and 4 against one device.
+
+    python benchmarks/sparse_compute.py [--model DIR] [--height 1024 --width 1024] [--ranks 2 4]
+                                        [--repeats 5] [--out docs/sparse_compute.md]
+
+Measures the computation of a single rank, one thread, in one process: the rank's patched UNet runs
+its slab with a loopback exchange (the other slabs' buffers are zeros of the right shapes, delivered
+without a network), so neither communication nor the other ranks' processes competing for this
+machine's two cores enter the figure. The baseline is diffusers' own unpatched UNet on the whole
+latent. Target: at most 1.10 / N of the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from python_backend.context import PatchContext
+from python_backend.exchange import BufferExchange, _Gather
+from python_backend.layout import PatchLayout
+from python_backend.model import encode_prompt, load_pipeline
+from python_backend.modes import Mode
+from python_backend.patch_layers import patch_unet
+
+
+class LoopbackExchange(BufferExchange):
+    """Delivers zeros for every other slab instantly: computation only, no transport."""
+
+    def _launch(self, tensor, shapes, async_op):
+        buffers = [tensor.reshape(-1) if r == self.index else tensor.new_zeros(math.prod(s))
+                   for r, s in enumerate(shapes)]
+        return _Gather(self.step, [tuple(s) for s in shapes], buffers, None)
+
+
+def time_steps(unet, inputs, repeats: int, before_each=None) -> float:
+    """Median seconds of one UNet call (batch 2, guided) over ``repeats`` calls after one warm call."""
+    times = []
+    for i in range(repeats + 1):
+        if before_each is not None:
+            before_each(i)
+        started = time.perf_counter()
+        with torch.no_grad():
+            unet(*inputs[0], **inputs[1])
+        if i > 0:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("docs/sparse_compute.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    model = args.model
+    if model is None:
+        from python_backend.tiny_model import write_tiny_sdxl
+
+        model = write_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl", seed=0)
+    pipe = load_pipeline(model, torch.device("cpu"))
+    cond = encode_prompt(pipe, "a photo of an astronaut", None, 1, True, args.height, args.width)
+    latent = torch.randn(2, pipe.unet.config.in_channels, args.height // 8, args.width // 8)
+    inputs = ((latent, torch.tensor(500)),
+              {"encoder_hidden_states": cond.prompt_embeds, "added_cond_kwargs": cond.added_cond_kwargs})
+    factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    state = pipe.unet.state_dict()
+
+    baseline = time_steps(pipe.unet, inputs, args.repeats)
+    print(f"N=1 diffusers UNet: {baseline * 1000:.1f} ms/step", flush=True)
+    rows = [(1, "diffusers UNet, whole latent", baseline)]
+    for n in [1] + args.ranks:
+        unet = type(pipe.unet).from_config(pipe.unet.config)
+        unet.load_state_dict(state)
+        unet.eval()
+        index = n // 2  # a middle slab: it borrows halos from both neighbours
+        layout = PatchLayout.split(args.height // 8, n, factor, index)
+        context = PatchContext(layout, LoopbackExchange(None, index, n), Mode.CORRECTED_ASYNC_GN, warmup_steps=1)
+        patch_unet(unet, context)
+        # step 0 is the synchronous warm-up that fills the buffers; the timed steps are asynchronous
+        seconds = time_steps(unet, inputs, args.repeats, before_each=context.begin_step)
+        rows.append((n, f"patched UNet, rank {index} of {n}, asynchronous step", seconds))
+        print(f"N={n} rank {index}: {seconds * 1000:.1f} ms/step = {seconds / baseline:.3f} of N=1 "
+              f"(target <= {1.10 / n:.3f})", flush=True)
+
+    lines = [
+        "# Sparse computation: one rank's UNet time per step",
+        "",
+        f"Embedded default model (tiny SDXL architecture), {args.height}x{args.width} (latent "
+        f"{args.height // 8}x{args.width // 8}), batch 2 (guided, no CFG split), one thread, one process, "
+        f"median of {args.repeats} calls, `corrected_async_gn` asynchronous steps. The other slabs' buffers are "
+        "delivered by a loopback exchange (zeros, no network), so this is the rank's computation alone. "
+        "Target: at most 1.10 / N of the single-device time.",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        f"python benchmarks/sparse_compute.py --height {args.height} --width {args.width} "
+        f"--ranks {' '.join(map(str, args.ranks))} --repeats {args.repeats}",
+        "```",
+        "",
+        "| N | what runs | ms / step | ratio to N = 1 | target |",
+        "|---|---|---|---|---|",
+    ]
+    for n, what, seconds in rows:
+        target = f"<= {1.10 / n:.3f}" if n > 1 else "-"
+        lines.append(f"| {n} | {what} | {seconds * 1000:.1f} | {seconds / baseline:.3f} | {target} |")
+    lines.append("")
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
