@@ -57,8 +57,9 @@ class GenerationResult:
 class PatchParallelDenoiser:
     """Owns one rank's patched UNet and runs generations on it."""
 
-    def __init__(self, pipe, ranks: RankGroup, parallel: ParallelConfig):
+    def __init__(self, pipe, ranks: RankGroup, parallel: ParallelConfig, engines: "EngineSet | None" = None):
         self.pipe = pipe
+        self.engines = engines
         self.ranks = ranks
         self.parallel = parallel
         self.factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
@@ -84,6 +85,7 @@ class PatchParallelDenoiser:
         self.context.layout = PatchLayout.split(latent_height, plan.size, self.factor, plan.index)
         self.context.exchange = BufferExchange(plan.group, plan.index, plan.size)
         outputs = _OutputGather(self.ranks, plan, self.context.layout)
+        engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
 
         cond = encode_prompt(
             pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
@@ -110,10 +112,14 @@ class PatchParallelDenoiser:
             if plan.branch is not None:
                 model_input = model_input.chunk(2)[plan.branch]
             started = time.perf_counter()
-            local = pipe.unet(
-                model_input, t, encoder_hidden_states=cond.prompt_embeds,
-                added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
-            )[0]
+            if engine is not None and not self.context.synchronous:
+                # Engines serve the asynchronous steps; synchronous ones need blocking exchanges.
+                local = engine(model_input, t, cond, self.context.exchange)
+            else:
+                local = pipe.unet(
+                    model_input, t, encoder_hidden_states=cond.prompt_embeds,
+                    added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
+                )[0]
             _synchronize(device)
             result.unet_seconds.append(time.perf_counter() - started)
             noise = outputs.assemble(local)
@@ -127,6 +133,30 @@ class PatchParallelDenoiser:
         result.latents = latents
         result.events = list(self.context.exchange.events)
         return result
+
+
+class EngineSet:
+    """The segment engines of one build, loaded per slab index on first use."""
+
+    def __init__(self, folder, backend: str):
+        from pathlib import Path
+
+        self.folder, self.backend = Path(folder), backend
+        self.loaded = {}
+
+    def for_generation(self, plan, layout: PatchLayout, request: GenerationRequest):
+        from .engine_unet import SegmentedUNet
+
+        if plan.index not in self.loaded:
+            self.loaded[plan.index] = SegmentedUNet(self.folder / f"patch{plan.index}", self.backend)
+        engine = self.loaded[plan.index]
+        built = engine.manifest
+        wanted = {"units": list(layout.units), "height": request.height, "width": request.width,
+                  "batch": request.num_images * (2 if request.guided and plan.branch is None else 1)}
+        have = {k: built[k] for k in wanted}
+        if have != wanted:
+            raise ValueError(f"the engines at {self.folder} were built for {have}, this generation needs {wanted}")
+        return engine
 
 
 class _OutputGather:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .denoise import GenerationRequest, ParallelConfig, PatchParallelDenoiser
+from .denoise import EngineSet, GenerationRequest, ParallelConfig, PatchParallelDenoiser
 from .model import decode_latents, load_pipeline
 from .ranks import RankGroup
 
@@ -23,6 +23,8 @@ class GenerationJob:
     decode: bool = True
     progress: bool = True
     dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU
+    engine: str = "torch"  # or "onnxruntime" / "tensorrt": segment engines for the asynchronous steps
+    engine_dir: str | None = None  # the build folder (distrifusion build)
 
 
 @dataclass
@@ -41,7 +43,8 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
     pipe = load_pipeline(job.model, ranks.device, _dtype(job.dtype, ranks.device))
-    denoiser = PatchParallelDenoiser(pipe, ranks, job.runs[0][1])
+    engines = None if job.engine == "torch" else EngineSet(job.engine_dir, job.engine)
+    denoiser = PatchParallelDenoiser(pipe, ranks, job.runs[0][1], engines)
     outputs = []
     for request, parallel in job.runs:
         progress = _StepProgress(request, parallel, ranks) if job.progress and ranks.rank == 0 else None

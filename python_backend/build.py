@@ -1,0 +1,133 @@
+"""``distrifusion build``: a model folder -> per-rank ONNX segments (-> TensorRT engines), cached.
+
+The cache key covers everything the result depends on: the UNet's weights and config, resolution,
+rank layout, batch, mode, cut, backend, precision and tool versions (and the GPU for TensorRT). A
+second identical build finds ``build.json`` under its key and reuses everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .layout import PatchLayout
+from .model import ModelInfo, load_pipeline
+from .modes import Mode
+
+log = logging.getLogger("distrifusion.build")
+
+DEFAULT_OUT = Path("build/out/engines")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: str
+    height: int
+    width: int
+    ranks: int
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    mode: str = Mode.CORRECTED_ASYNC_GN.value
+    split_cfg: bool = True
+    guided: bool = True
+    num_images: int = 1
+    cut: str | None = None
+
+    def patches_and_batch(self) -> tuple[int, int]:
+        """Slabs per patch group and the UNet batch on each rank."""
+        split = self.guided and self.split_cfg and self.ranks >= 2 and self.ranks % 2 == 0
+        patches = self.ranks // 2 if split else self.ranks
+        batch = self.num_images * (2 if self.guided and not split else 1)
+        return patches, batch
+
+
+def weights_digest(model: Path) -> str:
+    """sha256 over the UNet folder's files (config and weights)."""
+    digest = hashlib.sha256()
+    for path in sorted((model / "unet").iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tool_versions(backend: str) -> dict[str, str]:
+    import diffusers
+    import onnx
+
+    versions = {"distrifusion": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                "onnx": onnx.__version__}
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    else:
+        import tensorrt
+
+        versions["tensorrt"] = tensorrt.__version__
+        versions["gpu"] = torch.cuda.get_device_name()
+    return versions
+
+
+def cache_key(request: BuildRequest) -> tuple[str, dict]:
+    info = ModelInfo.read(request.model)
+    patches, batch = request.patches_and_batch()
+    layout = PatchLayout.split(request.height // info.vae_scale, patches, info.downsampling_factor)
+    fields = {
+        "weights": weights_digest(info.path), "height": request.height, "width": request.width,
+        "units": list(layout.units), "batch": batch, "mode": request.mode, "cut": request.cut,
+        "backend": request.backend, "precision": request.precision, "versions": tool_versions(request.backend),
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return key, fields
+
+
+def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, progress: bool = True) -> Path:
+    """Exports (and compiles) every rank's segments unless the cache has them; returns the build folder."""
+    started = time.perf_counter()
+    key, fields = cache_key(request)
+    folder = out / key
+    if (folder / "build.json").is_file() and not force:
+        log.info("cache hit: reusing the build %s at %s (nothing exported or compiled)", key, folder)
+        return folder
+    log.info("building %s: %dx%d, %d rank(s), %s, %s, %s -> %s", request.model, request.height, request.width,
+             request.ranks, request.mode, request.backend, request.precision, folder)
+    from tqdm import tqdm
+
+    from .export import ExportSpec, SegmentExporter
+
+    pipe = load_pipeline(request.model, torch.device("cpu"), torch.float32)
+    exporter = SegmentExporter(pipe, tuple(fields["units"]), Mode(request.mode), request.cut)
+    patches = len(fields["units"])
+    per_rank = len(exporter.segments) + 1
+    bar = tqdm(total=patches * per_rank * (2 if request.backend == "tensorrt" else 1), desc="exporting",
+               unit="graph", file=sys.stderr, disable=not progress)
+    for index in range(patches):
+        rank_dir = folder / f"patch{index}"
+        spec = ExportSpec(request.height, request.width, fields["batch"], tuple(fields["units"]), index)
+        manifest = exporter.export(spec, rank_dir, progress=lambda name: bar.update(1))
+        (rank_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if request.backend == "tensorrt":
+            from .runners import build_tensorrt_engine
+
+            bar.set_description("compiling TensorRT engines")
+            for onnx_file in sorted(rank_dir.glob("*.onnx")):
+                build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), request.precision == "fp16",
+                                      folder / "timing.cache")
+                bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - started
+    (folder / "build.json").write_text(json.dumps({"key": key, "request": asdict(request), "fields": fields,
+                                                   "seconds": round(seconds, 2)}, indent=1))
+    log.info("built %s in %.1f s", key, seconds)
+    return folder

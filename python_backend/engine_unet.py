@@ -1,0 +1,52 @@
+"""Runs one rank's UNet step as a chain of segment engines, exchanging buffers between them.
+
+Before a segment runs, the stale buffers it reads are taken from the exchange (waiting, if need be,
+for the all-gather started when the same segment ran in the previous step); right after it runs,
+its fresh buffers go out by async all-gather while the next segment computes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .runners import make_runner
+
+log = logging.getLogger("distrifusion.engine_unet")
+
+
+class SegmentedUNet:
+    def __init__(self, rank_dir: Path, backend: str):
+        self.manifest = json.loads((rank_dir / "manifest.json").read_text())
+        self.backend = backend
+        suffix = ".onnx" if backend == "onnxruntime" else ".plan"
+        self.embed = make_runner(backend, rank_dir / _with_suffix(self.manifest["embed"]["file"], suffix))
+        self.segments = [
+            (spec, make_runner(backend, rank_dir / _with_suffix(spec["file"], suffix)))
+            for spec in self.manifest["segments"]
+        ]
+        self.shapes = {k: [tuple(s) for s in v] for k, v in self.manifest["buffers"].items()}
+
+    def __call__(self, sample: torch.Tensor, timestep, cond, exchange) -> torch.Tensor:
+        batch = sample.shape[0]
+        feeds = {"timestep": torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(batch)}
+        if cond.added_cond_kwargs is not None:
+            feeds.update({k: v.float() for k, v in cond.added_cond_kwargs.items()})
+        tensors = {"sample": sample, "text": cond.prompt_embeds, "temb": self.embed.run(feeds)["temb"]}
+        for spec, runner in self.segments:
+            feeds = {name: tensors[name] for name in spec["inputs"]}
+            for key in spec["stale"]:
+                for r, tensor in enumerate(exchange.latest(key)):
+                    feeds[f"stale.{key}.{r}"] = tensor
+            outputs = runner.run(feeds)
+            for key in spec["fresh"]:
+                exchange.start(key, outputs[f"fresh.{key}"], self.shapes[key])
+            tensors.update({name: outputs[graph_name] for name, graph_name in zip(spec["outputs"], spec["output_names"])})
+        return tensors["noise"]
+
+
+def _with_suffix(name: str, suffix: str) -> str:
+    return str(Path(name).with_suffix(suffix))

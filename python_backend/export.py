@@ -1,0 +1,193 @@
+"""Exports a rank's UNet segments to ONNX with static shapes and stale-buffer inputs.
+
+Input and output names (stable, documented in docs/engines.md):
+  activations  "sample" | "hidden", "temb", "text", "skip{j}"  ->  "hidden_out" | "noise", "skip{j}"
+  buffers      "stale.{layer}.{r}" for every rank r of the patch group  ->  "fresh.{layer}"
+The time embedding is its own graph: "timestep" [, "text_embeds", "time_ids"] -> "temb".
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .context import PatchContext
+from .layout import PatchLayout
+from .modes import Mode
+from .patch_layers import patch_unet
+from .segments import SegmentIO, SegmentModule, ShapeRecorder, TimeEmbedding, partition
+
+log = logging.getLogger("distrifusion.export")
+
+OPSET = 17
+TWO_GB = 2**31
+ASYNC_STEP = 1 << 30  # any step past the warm-up
+
+
+class _RecordingIO(SegmentIO):
+    """SegmentIO that also notes which stale buffers a segment reads."""
+
+    def __init__(self, stale):
+        super().__init__(stale)
+        self.read: list[str] = []
+
+    def latest(self, key):
+        if key not in self.read:
+            self.read.append(key)
+        return super().latest(key)
+
+
+class _SegmentGraph(nn.Module):
+    """Flat positional tensors in and out, for torch.onnx.export."""
+
+    def __init__(self, module: SegmentModule, context: PatchContext, stale_keys, fresh_keys, size):
+        super().__init__()
+        self.module, self.context = module, context
+        self.stale_keys, self.fresh_keys, self.size = stale_keys, fresh_keys, size
+
+    def forward(self, *args):
+        n_act = len(self.module.segment.inputs)
+        tensors = dict(zip(self.module.segment.inputs, args[:n_act]))
+        flat = list(args[n_act:])
+        stale = {key: flat[i * self.size : (i + 1) * self.size] for i, key in enumerate(self.stale_keys)}
+        io = SegmentIO(stale)
+        self.context.exchange = io
+        outputs = self.module(tensors)
+        return tuple(outputs.values()) + tuple(io.fresh[key] for key in self.fresh_keys)
+
+
+@dataclass
+class ExportSpec:
+    height: int
+    width: int
+    batch: int  # UNet batch on this rank (2 x images without CFG split)
+    units: tuple[int, ...]  # the patch group's layout
+    index: int  # this rank's slab
+
+
+def output_name(segment, name: str) -> str:
+    """ONNX forbids a name on both sides of a graph: an activation passed through gets "_out"."""
+    return f"{name}_out" if name in segment.inputs else name
+
+
+def graph_mode(mode: Mode, patches: int) -> Mode:
+    """The mode the exported graphs implement: an asynchronous one; with one slab every mode is exact."""
+    if mode in (Mode.FULL_SYNC, Mode.SYNC_GN):
+        if patches == 1:
+            return Mode.CORRECTED_ASYNC_GN
+        raise ValueError(
+            f"mode {mode.value} needs a blocking exchange inside the UNet, which an engine cannot do; "
+            "run it with --engine torch, or pick corrected_async_gn, stale_gn, separate_gn or no_sync"
+        )
+    return mode
+
+
+def example_inputs(pipe, spec: ExportSpec) -> tuple[dict, dict]:
+    """Example tensors for the time embedding and for the segments (values do not matter)."""
+    unet = pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    vae_scale = pipe.vae_scale_factor
+    sample = torch.randn(spec.batch, unet.config.in_channels, spec.height // vae_scale, spec.width // vae_scale,
+                         generator=generator)
+    text_dim = unet.config.cross_attention_dim
+    text = torch.randn(spec.batch, pipe.tokenizer.model_max_length, text_dim, generator=generator)
+    embed = {"timestep": torch.full((spec.batch,), 500.0)}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        embed["text_embeds"] = torch.randn(spec.batch, pooled, generator=generator)
+        embed["time_ids"] = torch.tensor([[spec.height, spec.width, 0, 0, spec.height, spec.width]] * spec.batch,
+                                         dtype=torch.float32)
+    return embed, {"sample": sample, "text": text}
+
+
+class SegmentExporter:
+    """Patches a pipeline's UNet once and exports every rank's segments from it.
+
+    Only the context's layout changes between ranks, so one set of weights serves them all.
+    """
+
+    def __init__(self, pipe, units: tuple[int, ...], mode: Mode, cut: str | None = None):
+        self.pipe = pipe
+        factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        self.mode = graph_mode(mode, len(units))
+        self.context = PatchContext(PatchLayout(units, factor), ShapeRecorder(), self.mode, warmup_steps=1)
+        patch_unet(pipe.unet, self.context)
+        self.segments = partition(pipe.unet, cut)
+
+    def export(self, spec: ExportSpec, out_dir: Path, progress=None) -> dict:
+        """Exports the time embedding and every segment of slab ``spec.index``; returns its manifest."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        unet, context = self.pipe.unet, self.context
+        layout = PatchLayout(spec.units, context.layout.unit_rows, spec.index)
+        context.layout = layout
+        embed_inputs, act_inputs = example_inputs(self.pipe, spec)
+        manifest = {"units": list(spec.units), "index": spec.index, "batch": spec.batch, "height": spec.height,
+                    "width": spec.width, "mode": self.mode.value, "segments": [], "buffers": {}}
+        with torch.no_grad():
+            embedding = TimeEmbedding(unet)
+            temb = embedding(**embed_inputs)
+            path = out_dir / "time_embedding.onnx"
+            _export(embedding, tuple(embed_inputs.values()), path, list(embed_inputs), ["temb"])
+            manifest["embed"] = {"file": path.name, "inputs": list(embed_inputs), "outputs": ["temb"]}
+            if progress:
+                progress("time_embedding")
+
+            # A synchronous pass learns every layer's buffer shapes and each segment's example inputs.
+            recorder = ShapeRecorder()
+            context.exchange, context.step = recorder, 0
+            tensors = {**act_inputs, "temb": temb}
+            examples = []
+            for segment in self.segments:
+                examples.append({name: tensors[name] for name in segment.inputs})
+                tensors.update(SegmentModule(unet, segment)(examples[-1]))
+
+            context.step = ASYNC_STEP
+            zeros = {k: [torch.zeros(s, dtype=recorder.dtypes[k]) for s in shapes]
+                     for k, shapes in recorder.shapes.items()}
+            for segment, example in zip(self.segments, examples):
+                module = SegmentModule(unet, segment)
+                io = _RecordingIO(zeros)  # a dry asynchronous run tells which buffers go in and out
+                context.exchange = io
+                module(example)
+                stale_keys, fresh_keys = list(io.read), list(io.fresh)
+                graph = _SegmentGraph(module, context, stale_keys, fresh_keys, layout.num_patches)
+                args = tuple(example[n] for n in segment.inputs) + tuple(t for k in stale_keys for t in zeros[k])
+                input_names = list(segment.inputs) + [
+                    f"stale.{k}.{r}" for k in stale_keys for r in range(layout.num_patches)
+                ]
+                output_names = [output_name(segment, n) for n in segment.outputs] + [f"fresh.{k}" for k in fresh_keys]
+                path = out_dir / f"segment_{segment.name.replace('+', '_')}.onnx"
+                _export(graph, args, path, input_names, output_names)
+                manifest["segments"].append({
+                    "name": segment.name, "file": path.name, "inputs": list(segment.inputs),
+                    "outputs": list(segment.outputs), "output_names": output_names[: len(segment.outputs)],
+                    "stale": stale_keys, "fresh": fresh_keys,
+                })
+                if progress:
+                    progress(segment.name)
+            manifest["buffers"] = {k: [list(s) for s in shapes] for k, shapes in recorder.shapes.items()}
+        return manifest
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str]) -> None:
+    import onnx
+
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=input_names, output_names=output_names,
+            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+    model = onnx.load(str(path), load_external_data=False)
+    if size > TWO_GB // 2 or path.stat().st_size > TWO_GB:
+        # Graphs over 2 GB must keep their weights beside them (protobuf's limit).
+        model = onnx.load(str(path))
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    onnx.checker.check_model(str(path))

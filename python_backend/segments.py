@@ -1,0 +1,191 @@
+"""The UNet cut into segments: pure functions of activations, embeddings and stale buffers.
+
+A *stage* is one piece of diffusers' UNet forward: ``down{i}`` (conv_in joins ``down0``), ``mid``,
+``up{i}`` (conv_out joins the last). A *segment* is a run of consecutive stages; the default cut is
+one stage per segment. Each segment reads named tensors ("sample" or "hidden", "temb", "text",
+"skip{j}") and writes named tensors ("hidden" or "noise", "skip{j}"). The patch-aware layers inside
+are the same modules the eager path runs; when a segment is exported, ``SegmentIO`` stands in for
+the exchange so that their stale buffers become inputs and their fresh buffers outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    stages: tuple[str, ...]
+    inputs: tuple[str, ...]  # activation inputs, in order
+    outputs: tuple[str, ...]  # activation outputs, in order
+
+
+def stage_names(unet) -> list[str]:
+    return [f"down{i}" for i in range(len(unet.down_blocks))] + ["mid"] + [
+        f"up{i}" for i in range(len(unet.up_blocks))
+    ]
+
+
+def _skip_flow(unet) -> dict[str, tuple[list[str], list[str]]]:
+    """For each stage, the skip tensors it produces and consumes (diffusers' skip stack, unrolled)."""
+    flow, stack, count = {}, [], 0
+    for i, block in enumerate(unet.down_blocks):
+        made = 1 if i == 0 else 0  # conv_in's output is the first skip
+        made += len(block.resnets) + (1 if block.downsamplers is not None else 0)
+        names = [f"skip{count + k}" for k in range(made)]
+        count += made
+        stack += names
+        flow[f"down{i}"] = (names, [])
+    flow["mid"] = ([], [])
+    for i, block in enumerate(unet.up_blocks):
+        taken = stack[-len(block.resnets):]
+        stack = stack[: -len(block.resnets)]
+        flow[f"up{i}"] = ([], taken)
+    return flow
+
+
+def parse_cut(unet, cut: str | None) -> list[list[str]]:
+    """``"down0+down1,mid,up0+up1+up2"`` -> stage groups; None -> one stage per segment."""
+    names = stage_names(unet)
+    if not cut:
+        return [[n] for n in names]
+    groups = [[s.strip() for s in part.split("+")] for part in cut.split(",")]
+    if [s for g in groups for s in g] != names:
+        raise ValueError(f"a cut must list every stage once, in order: {','.join(names)}; got {cut!r}")
+    return groups
+
+
+def partition(unet, cut: str | None = None) -> list[Segment]:
+    flow = _skip_flow(unet)
+    last_up = f"up{len(unet.up_blocks) - 1}"
+    segments = []
+    for group in parse_cut(unet, cut):
+        produced = [s for stage in group for s in flow[stage][0]]
+        consumed = [s for stage in group for s in flow[stage][1]]
+        inputs = ["sample" if group[0] == "down0" else "hidden", "temb", "text"]
+        inputs += [s for s in consumed if s not in produced]
+        outputs = ["noise" if group[-1] == last_up else "hidden"]
+        outputs += [s for s in produced if s not in consumed]
+        segments.append(Segment("+".join(group), tuple(group), tuple(inputs), tuple(outputs)))
+    return segments
+
+
+class TimeEmbedding(nn.Module):
+    """Time (and SDXL's added text/size) embedding: timestep [B], text_embeds, time_ids -> temb."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, timestep: torch.Tensor, text_embeds=None, time_ids=None) -> torch.Tensor:
+        unet = self.unet
+        proj = unet.time_proj(timestep).to(dtype=unet.dtype)
+        emb = unet.time_embedding(proj, None)
+        if text_embeds is not None:
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+            aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=None, added_cond_kwargs=added)
+            if aug is not None:
+                emb = emb + aug
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        return emb
+
+
+class SegmentModule(nn.Module):
+    """Runs a segment's stages of a (patched) diffusers UNet on named tensors."""
+
+    def __init__(self, unet, segment: Segment):
+        super().__init__()
+        self.unet = unet
+        self.segment = segment
+        self.flow = _skip_flow(unet)
+
+    def forward(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        unet, t = self.unet, dict(tensors)
+        temb, text = t["temb"], t["text"]
+        for stage in self.segment.stages:
+            if stage.startswith("down"):
+                i = int(stage[4:])
+                block = unet.down_blocks[i]
+                if i == 0:
+                    t["hidden"] = unet.conv_in(t["sample"])
+                    t["skip0"] = t["hidden"]
+                if getattr(block, "has_cross_attention", False):
+                    hidden, res = block(hidden_states=t["hidden"], temb=temb, encoder_hidden_states=text)
+                else:
+                    hidden, res = block(hidden_states=t["hidden"], temb=temb)
+                t["hidden"] = hidden
+                made = self.flow[stage][0][1:] if i == 0 else self.flow[stage][0]
+                t.update(zip(made, res))
+            elif stage == "mid":
+                if getattr(unet.mid_block, "has_cross_attention", False):
+                    t["hidden"] = unet.mid_block(t["hidden"], temb, encoder_hidden_states=text)
+                else:
+                    t["hidden"] = unet.mid_block(t["hidden"], temb)
+            else:
+                i = int(stage[2:])
+                block = unet.up_blocks[i]
+                skips = tuple(t[name] for name in self.flow[stage][1])
+                if getattr(block, "has_cross_attention", False):
+                    t["hidden"] = block(hidden_states=t["hidden"], temb=temb, res_hidden_states_tuple=skips,
+                                        encoder_hidden_states=text)
+                else:
+                    t["hidden"] = block(hidden_states=t["hidden"], temb=temb, res_hidden_states_tuple=skips)
+                if i == len(unet.up_blocks) - 1:
+                    hidden = t["hidden"]
+                    if unet.conv_norm_out is not None:
+                        hidden = unet.conv_act(unet.conv_norm_out(hidden))
+                    t["noise"] = unet.conv_out(hidden)
+        return {name: t[name] for name in self.segment.outputs}
+
+
+@dataclass
+class SegmentIO:
+    """Stands in for the exchange inside a segment: stale buffers in, fresh buffers out.
+
+    ``latest`` hands a layer the stale per-rank list it was given; ``start`` keeps what the layer
+    publishes. A blocking ``gather`` cannot happen inside an engine, so it is an error here.
+    """
+
+    stale: dict[str, list[torch.Tensor]]
+    fresh: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = 0
+
+    def latest(self, key: str) -> list[torch.Tensor]:
+        return self.stale[key]
+
+    def start(self, key: str, tensor: torch.Tensor, shapes) -> None:
+        self.fresh[key] = tensor
+
+    def gather(self, key, tensor, shapes):
+        raise RuntimeError(f"{key}: a blocking exchange cannot run inside a segment engine")
+
+
+@dataclass
+class ShapeRecorder:
+    """Stands in for the exchange during one synchronous pass to learn each layer's buffer shapes."""
+
+    shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    step: int = 0
+
+    def gather(self, key, tensor, shapes):
+        self.shapes[key] = [tuple(s) for s in shapes]
+        self.dtypes[key] = tensor.dtype
+        return [tensor.new_zeros(s) for s in shapes]
+
+    def latest(self, key):
+        return None
+
+    def start(self, key, tensor, shapes):
+        pass
+
+    def reset(self):
+        pass
+
+    def drain(self):
+        pass
