@@ -56,9 +56,29 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     gen.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     gen.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
+    gen.add_argument("--engine", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                     help="what runs the asynchronous steps: the eager core or segment engines (built and cached on demand)")
+    gen.add_argument("--engine-dir", type=Path, default=None, help="engine cache folder (default build/out/engines)")
     gen.add_argument("--out", required=True, type=Path, help="PNG path (several images get _0, _1, ... suffixes)")
     gen.add_argument("--latents-out", type=Path, default=None, help="save final latents as float32 .npy")
     gen.set_defaults(handler=_generate)
+
+    bld = commands.add_parser("build", help="export per-rank UNet segments to ONNX (and TensorRT engines), cached")
+    bld.add_argument("--model", required=True, type=Path)
+    bld.add_argument("--height", type=int, default=512)
+    bld.add_argument("--width", type=int, default=512)
+    bld.add_argument("--ranks", type=int, default=1)
+    bld.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    bld.add_argument("--precision", choices=("fp16", "fp32"), default=None,
+                     help="default: fp16 for tensorrt, fp32 for onnxruntime")
+    bld.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
+    bld.add_argument("--no-split-cfg", action="store_true")
+    bld.add_argument("--guidance", type=float, default=5.0, help="> 1 builds for a guided (CFG) batch")
+    bld.add_argument("--num-images", type=int, default=1)
+    bld.add_argument("--cut", default=None, help='segment cut, e.g. "down0+down1,down2,mid,up0,up1+up2"')
+    bld.add_argument("--out", type=Path, default=None, help="engine cache folder (default build/out/engines)")
+    bld.add_argument("--force", action="store_true", help="rebuild even if the cache has this build")
+    bld.set_defaults(handler=_build)
     return parser
 
 
@@ -68,6 +88,44 @@ def _tiny_model(args) -> int:
     writer = write_tiny_sdxl if args.family == "sdxl" else write_tiny_sd15
     path = writer(args.out_dir, seed=args.seed)
     print(f"wrote the tiny {args.family} model to {path}")
+    return 0
+
+
+def _build_request(args, backend: str, precision: str | None):
+    from .build import BuildRequest
+
+    if precision is None:
+        precision = "fp16" if backend == "tensorrt" else "fp32"
+    return BuildRequest(
+        model=str(args.model), height=args.height, width=args.width, ranks=args.ranks, backend=backend,
+        precision=precision, mode=args.mode, split_cfg=not args.no_split_cfg, guided=args.guidance > 1,
+        num_images=args.num_images, cut=getattr(args, "cut", None),
+    )
+
+
+def _build_engines(request, out, force=False):
+    from .build import DEFAULT_OUT, build
+    from .export import graph_mode
+    from .modes import Mode
+
+    patches, _ = request.patches_and_batch()
+    try:
+        graph_mode(Mode(request.mode), patches)
+    except ValueError as error:
+        raise UsageError(f"--mode: {error}") from None
+    if request.backend == "tensorrt":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--backend/--engine tensorrt needs an NVIDIA GPU; this machine has none")
+    return build(request, out or DEFAULT_OUT, force=force)
+
+
+def _build(args) -> int:
+    args.steps, args.threads = 1, None
+    validate_generate_args(args)
+    folder = _build_engines(_build_request(args, args.backend, args.precision), args.out, args.force)
+    print(f"engines ready at {folder}")
     return 0
 
 
@@ -94,10 +152,10 @@ def validate_generate_args(args):
         raise UsageError(f"--steps must be between 1 and 1000, got {args.steps}")
     if args.ranks < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
-    if args.warmup_steps < 0:
-        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    if getattr(args, "warmup_steps", 0) < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
     split = args.guidance > 1 and not args.no_split_cfg and args.ranks % 2 == 0
@@ -131,7 +189,14 @@ def _generate(args) -> int:
         num_images=args.num_images,
     )
     parallel = ParallelConfig(mode=Mode(args.mode), warmup_steps=args.warmup_steps, split_cfg=not args.no_split_cfg)
-    job = GenerationJob(model=str(args.model), runs=[(request, parallel)], dtype=args.dtype)
+    engine_dir = None
+    if args.engine != "torch" and parallel.mode is Mode.FULL_SYNC:
+        log.info("full_sync: every step is synchronous and runs in torch; no engines are needed")
+        args.engine = "torch"
+    if args.engine != "torch":
+        engine_dir = str(_build_engines(_build_request(args, args.engine, None), args.engine_dir))
+    job = GenerationJob(model=str(args.model), runs=[(request, parallel)], dtype=args.dtype, engine=args.engine,
+                        engine_dir=engine_dir)
     (output,) = run_on_ranks(args.ranks, run_generation_job, (job,), device_kind, args.threads)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

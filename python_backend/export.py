@@ -76,15 +76,19 @@ def output_name(segment, name: str) -> str:
 
 
 def graph_mode(mode: Mode, patches: int) -> Mode:
-    """The mode the exported graphs implement: an asynchronous one; with one slab every mode is exact."""
-    if mode in (Mode.FULL_SYNC, Mode.SYNC_GN):
-        if patches == 1:
-            return Mode.CORRECTED_ASYNC_GN
+    """The mode the exported graphs implement in the asynchronous steps they serve.
+
+    With one slab nothing is borrowed, so every mode's graph is the corrected one (exact there).
+    """
+    if mode is Mode.FULL_SYNC:
+        raise ValueError("full_sync runs every step synchronously in torch; engines serve only asynchronous "
+                         "steps, so there is nothing to build")
+    if mode is Mode.SYNC_GN and patches > 1:
         raise ValueError(
-            f"mode {mode.value} needs a blocking exchange inside the UNet, which an engine cannot do; "
+            "sync_gn needs a blocking GroupNorm exchange inside the UNet, which an engine cannot do; "
             "run it with --engine torch, or pick corrected_async_gn, stale_gn, separate_gn or no_sync"
         )
-    return mode
+    return Mode.CORRECTED_ASYNC_GN if patches == 1 else mode
 
 
 def example_inputs(pipe, spec: ExportSpec) -> tuple[dict, dict]:

@@ -1,0 +1,113 @@
+"""Segment engines on ONNX Runtime against the eager core, the exports, and the build cache."""
+
+import dataclasses
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import relative_l2
+from python_backend.build import BuildRequest, build, cache_key
+from python_backend.denoise import GenerationRequest, ParallelConfig
+from python_backend.generate import GenerationJob, run_generation_job
+from python_backend.modes import Mode
+from python_backend.ranks import run_on_ranks
+
+REQUEST = GenerationRequest("a photo of an astronaut", height=256, width=128, steps=6, guidance=5.0, seed=7)
+WARMUP = 2
+
+
+@pytest.fixture(scope="module")
+def engine_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("engines")
+
+
+def _latents(model, world_size, engine, folder, mode):
+    job = GenerationJob(str(model), [(REQUEST, ParallelConfig(mode, WARMUP, split_cfg=False))], decode=False,
+                        progress=False, engine=engine, engine_dir=None if folder is None else str(folder))
+    return run_on_ranks(world_size, run_generation_job, (job,))[0]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_onnxruntime_equals_eager(tiny_sdxl, engine_root, world_size):
+    request = BuildRequest(str(tiny_sdxl), REQUEST.height, REQUEST.width, world_size, split_cfg=False)
+    folder = build(request, engine_root, progress=False)
+    eager = _latents(tiny_sdxl, world_size, "torch", None, Mode.CORRECTED_ASYNC_GN)
+    engines = _latents(tiny_sdxl, world_size, "onnxruntime", folder, Mode.CORRECTED_ASYNC_GN)
+    error = relative_l2(engines.latents, eager.latents)
+    assert error < 1e-4, f"N={world_size}: {error:.2e}"
+    # The engines really ran the asynchronous steps: their buffers went out by async all-gather.
+    if world_size > 1:
+        assert any(e.kind == "started" and e.step >= WARMUP for e in engines.events)
+    # full_sync needs no engines: every step is synchronous and runs in torch, exactly as eager.
+    sync_eager = _latents(tiny_sdxl, world_size, "torch", None, Mode.FULL_SYNC)
+    sync_engine = _latents(tiny_sdxl, world_size, "onnxruntime", folder, Mode.FULL_SYNC)
+    assert relative_l2(sync_engine.latents, sync_eager.latents) < 1e-4
+    for path in folder.rglob("*.onnx"):
+        onnx.checker.check_model(str(path))
+
+
+def test_segment_names_are_stable(tiny_sdxl, engine_root):
+    import json
+
+    folder = build(BuildRequest(str(tiny_sdxl), REQUEST.height, REQUEST.width, 2, split_cfg=False), engine_root,
+                   progress=False)
+    manifest = json.loads((folder / "patch1" / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["segments"]]
+    assert names == ["down0", "down1", "down2", "mid", "up0", "up1", "up2"]
+    first = onnx.load(str(folder / "patch1" / manifest["segments"][0]["file"]), load_external_data=False)
+    inputs = [i.name for i in first.graph.input]
+    # down0 has no cross-attention, so "text" is not an input there (the exporter drops unused inputs)
+    assert inputs[:2] == ["sample", "temb"] and all(n.startswith("stale.") for n in inputs[2:])
+    second = onnx.load(str(folder / "patch1" / manifest["segments"][1]["file"]), load_external_data=False)
+    assert [i.name for i in second.graph.input][:3] == ["hidden", "temb", "text"]
+    assert [o.name for o in second.graph.output][0] == "hidden_out"
+    outputs = [o.name for o in first.graph.output]
+    assert outputs[0] == "hidden" and any(n.startswith("skip") for n in outputs)
+    assert any(n.startswith("fresh.") for n in outputs)
+
+
+def test_second_build_is_a_cache_hit(tiny_sdxl, engine_root, caplog):
+    request = BuildRequest(str(tiny_sdxl), 128, 128, 2, split_cfg=False)
+    first = build(request, engine_root, progress=False)
+    stamp = (first / "build.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="distrifusion.build"):
+        second = build(request, engine_root, progress=False)
+    assert second == first
+    assert (first / "build.json").stat().st_mtime_ns == stamp
+    assert "cache hit" in caplog.text
+
+
+def test_changing_any_key_field_rebuilds(tiny_sdxl, engine_root, tmp_path):
+    base = BuildRequest(str(tiny_sdxl), 128, 128, 2, split_cfg=False)
+    key, _ = cache_key(base)
+    changes = {"height": 256, "width": 256, "ranks": 4, "mode": "stale_gn", "precision": "fp16",
+               "split_cfg": True, "num_images": 2, "cut": "down0+down1,down2,mid,up0,up1+up2"}
+    for field, value in changes.items():
+        assert cache_key(dataclasses.replace(base, **field_value(field, value)))[0] != key, field
+    # New weights, same everything else: copy the model and change one byte of the UNet.
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_sdxl, copy)
+    weights = next((copy / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert cache_key(dataclasses.replace(base, model=str(copy)))[0] != key
+    # And a real rebuild lands in a new folder.
+    rebuilt = build(dataclasses.replace(base, cut="down0+down1,down2,mid,up0,up1+up2"), engine_root, progress=False)
+    assert rebuilt != build(base, engine_root, progress=False)
+    assert len(list(rebuilt.glob("patch0/*.onnx"))) == 1 + 5
+
+
+def field_value(field, value):
+    return {field: value}
+
+
+def test_engines_refuse_a_generation_they_were_not_built_for(tiny_sdxl, engine_root):
+    folder = build(BuildRequest(str(tiny_sdxl), 128, 128, 2, split_cfg=False), engine_root, progress=False)
+    job = GenerationJob(str(tiny_sdxl), [(REQUEST, ParallelConfig(Mode.CORRECTED_ASYNC_GN, WARMUP, False))],
+                        decode=False, progress=False, engine="onnxruntime", engine_dir=str(folder))
+    with pytest.raises(Exception, match="were built for"):
+        run_on_ranks(1, run_generation_job, (job,))
