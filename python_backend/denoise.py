@@ -57,6 +57,8 @@ class GenerationResult:
 class PatchParallelDenoiser:
     """Owns one rank's patched UNet and runs generations on it."""
 
+    exchange_class = BufferExchange  # the transport of layer buffers (benchmarks swap in variants)
+
     def __init__(self, pipe, ranks: RankGroup, parallel: ParallelConfig, engines: "EngineSet | None" = None):
         self.pipe = pipe
         self.engines = engines
@@ -83,7 +85,7 @@ class PatchParallelDenoiser:
         plan = self.ranks.plan(request.guided, parallel.split_cfg)
         latent_height = request.height // self.vae_scale
         self.context.layout = PatchLayout.split(latent_height, plan.size, self.factor, plan.index)
-        self.context.exchange = BufferExchange(plan.group, plan.index, plan.size)
+        self.context.exchange = self.exchange_class(plan.group, plan.index, plan.size)
         outputs = _OutputGather(self.ranks, plan, self.context.layout)
         engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
 
@@ -114,7 +116,7 @@ class PatchParallelDenoiser:
             started = time.perf_counter()
             if engine is not None and not self.context.synchronous:
                 # Engines serve the asynchronous steps; synchronous ones need blocking exchanges.
-                local = engine(model_input, t, cond, self.context.exchange)
+                local = engine(model_input, t, cond, self.context.exchange).to(model_input.dtype)
             else:
                 local = pipe.unet(
                     model_input, t, encoder_hidden_states=cond.prompt_embeds,

@@ -27,7 +27,7 @@ class OnnxRuntimeRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        arrays = {name: feeds[name].detach().cpu().contiguous().numpy() for name in self.input_names}
+        arrays = {name: _graph_dtype(feeds[name]).detach().cpu().contiguous().numpy() for name in self.input_names}
         outputs = self.session.run(self.output_names, arrays)
         return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outputs)}
 
@@ -48,12 +48,17 @@ class TensorRTRunner:
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        inputs = {name: feeds[name].contiguous() for name in self.input_names}
+        inputs = {name: _graph_dtype(feeds[name]).contiguous() for name in self.input_names}
         # torch CUDA tensors in, torch CUDA tensors out: no host round trip per step.
         return self.runner.infer(inputs, copy_outputs_to_host=False)
 
     def close(self) -> None:
         self.runner.deactivate()
+
+
+def _graph_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """Graphs are exported in float32 (TensorRT lowers to fp16 inside); half inputs are widened."""
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def build_tensorrt_engine(onnx_path: Path, engine_path: Path, fp16: bool, timing_cache: Path) -> None:
