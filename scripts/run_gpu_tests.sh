@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+.venv/bin/python -m pip install -q -e ".[test,gpu]"
 exec .venv/bin/python -m pytest -q -rs -m gpu "$@"

@@ -42,16 +42,26 @@ def reference(tiny_sdxl):
     return {name[0]: out.latents for name, out in _generate(tiny_sdxl, 1, runs).items()}
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4])
+_GENERATED = {}  # one rank group per N serves every test of that N
+
+
+@pytest.fixture
 def parallel(request, tiny_sdxl):
     world_size = request.param
-    return world_size, _generate(tiny_sdxl, world_size, _runs(world_size))
+    if world_size not in _GENERATED:
+        _GENERATED[world_size] = _generate(tiny_sdxl, world_size, _runs(world_size))
+    return world_size, _GENERATED[world_size]
+
+
+every_n = pytest.mark.parametrize("parallel", [2, 3, 4], indirect=True)
+async_n = pytest.mark.parametrize("parallel", [2, 4], indirect=True)
 
 
 def _reference_for(name, reference):
     return reference[name[0]] if name[0] in reference else reference["full_sync"]
 
 
+@every_n
 def test_full_sync_equals_single_rank(parallel, reference):
     world_size, outputs = parallel
     for name in [n for n in outputs if n[0] in ("full_sync", "batch", "no-guidance")]:
@@ -59,10 +69,9 @@ def test_full_sync_equals_single_rank(parallel, reference):
         assert error < 1e-4, f"N={world_size} {name}: relative L2 {error:.2e}"
 
 
+@async_n
 def test_asynchronous_modes_stay_close(parallel, reference):
     world_size, outputs = parallel
-    if world_size == 3:
-        pytest.skip("asynchronous modes are checked at N = 2 and 4")
     errors = {n[0]: relative_l2(outputs[n].latents, reference["full_sync"]) for n in outputs if n[0] in Mode._value2member_map_ and n[0] != "full_sync"}
     print(f"\nN={world_size} relative L2 against N=1: " + ", ".join(f"{m} {e:.4f}" for m, e in errors.items()))
     for mode, error in errors.items():
@@ -72,10 +81,9 @@ def test_asynchronous_modes_stay_close(parallel, reference):
     assert errors["corrected_async_gn"] <= errors["separate_gn"]
 
 
+@async_n
 def test_asynchronous_steps_never_wait_on_their_own_collectives(parallel):
     world_size, outputs = parallel
-    if world_size == 3:
-        pytest.skip("checked at N = 2 and 4")
     for mode in ASYNC_MODES:
         events = outputs[(mode.value, "no-split")].events
         async_events = [e for e in events if e.step >= WARMUP]
@@ -94,6 +102,7 @@ def test_asynchronous_steps_never_wait_on_their_own_collectives(parallel):
         assert waited <= started, mode
 
 
+@every_n
 def test_every_rank_count_reports_the_same_layers(parallel):
     world_size, outputs = parallel
     events = outputs[("full_sync", "no-split")].events
@@ -104,6 +113,7 @@ def test_every_rank_count_reports_the_same_layers(parallel):
     assert len(keys_per_step) == REQUEST.steps
 
 
+@every_n
 def test_batch_of_two_has_two_distinct_images(parallel):
     _, outputs = parallel
     latents = outputs[("batch", "split")].latents
