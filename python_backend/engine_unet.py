@@ -2,7 +2,7 @@
 
 Before a segment runs, the stale buffers it reads are taken from the exchange (waiting, if need be,
 for the all-gather started when the same segment ran in the previous step); right after it runs,
-its fresh buffers go out by async all-gather while the next segment computes.
+its fresh buffers go out together in one async all-gather while the next segment computes.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class SegmentedUNet:
                 for r, tensor in enumerate(exchange.latest(key)):
                     feeds[f"stale.{key}.{r}"] = tensor
             outputs = runner.run(feeds)
-            for key in spec["fresh"]:
-                exchange.start(key, outputs[f"fresh.{key}"], self.shapes[key])
+            # One collective per segment carries all its fresh buffers: per-call latency is paid once.
+            exchange.start_bundle([(key, outputs[f"fresh.{key}"], self.shapes[key]) for key in spec["fresh"]])
             tensors.update({name: outputs[graph_name] for name, graph_name in zip(spec["outputs"], spec["output_names"])})
         return tensors["noise"]
 

@@ -31,6 +31,8 @@ class _Gather:
     buffers: list[torch.Tensor]
     work: object | None  # the async handle, None once complete
     result: list[torch.Tensor] | None = None
+    carrier: "_Gather | None" = None  # the bundled collective this key travels in
+    offset: int = 0  # where this key starts in the carrier's flat buffers
 
 
 @dataclass
@@ -56,6 +58,28 @@ class BufferExchange:
         self._retire(key)
         self._latest[key] = self._launch(tensor, shapes, async_op=True)
         self._log(key, "started", self.step, tensor)
+
+    def start_bundle(self, items: list[tuple[str, torch.Tensor, list[tuple[int, ...]]]]) -> None:
+        """Starts one async all-gather carrying several keys' buffers (one collective, not one each).
+
+        Each key is padded to its largest per-rank size, so every rank's bundle has the same length.
+        ``latest(key)`` unpacks a key from it exactly as if it had travelled alone.
+        """
+        for dtype in dict.fromkeys(t.dtype for _, t, _ in items):
+            group = [(k, t, [tuple(s) for s in shapes]) for k, t, shapes in items if t.dtype == dtype]
+            pieces, offsets, offset = [], [], 0
+            for key, tensor, shapes in group:
+                self._retire(key)
+                longest = max(math.prod(s) for s in shapes)
+                flat = tensor.reshape(-1)
+                pieces.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]) if flat.numel() < longest else flat)
+                offsets.append(offset)
+                offset += longest
+            bundle = torch.cat(pieces)
+            carrier = self._launch(bundle, [tuple(bundle.shape)] * self.size, async_op=True)
+            for (key, tensor, shapes), start in zip(group, offsets):
+                self._latest[key] = _Gather(self.step, shapes, [], None, carrier=carrier, offset=start)
+                self._log(key, "started", self.step, tensor)
 
     def latest(self, key: str) -> list[torch.Tensor] | None:
         """The most recent gathered list for ``key`` (waiting for it if still in flight), or None."""
@@ -96,6 +120,13 @@ class BufferExchange:
         return _Gather(self.step, shapes, buffers, work if async_op else None)
 
     def _complete(self, pending: _Gather) -> list[torch.Tensor]:
+        if pending.result is None and pending.carrier is not None:
+            self._complete(pending.carrier)
+            start = pending.offset
+            pending.result = [
+                buf[start : start + math.prod(shape)].view(shape)
+                for buf, shape in zip(pending.carrier.buffers, pending.shapes)
+            ]
         if pending.result is None:
             if pending.work is not None:
                 pending.work.wait()
@@ -108,7 +139,7 @@ class BufferExchange:
     def _retire(self, key: str) -> None:
         # Collectives must complete in launch order on every rank; never leave one dangling.
         old = self._latest.get(key)
-        if old is not None and old.work is not None:
+        if old is not None and (old.work is not None or (old.carrier is not None and old.carrier.work is not None)):
             self._complete(old)
 
     def _log(self, key: str, kind: str, started_step: int, tensor: torch.Tensor | None) -> None:

@@ -183,9 +183,3 @@ class ShapeRecorder:
 
     def start(self, key, tensor, shapes):
         pass
-
-    def reset(self):
-        pass
-
-    def drain(self):
-        pass
