@@ -65,8 +65,10 @@ def tool_versions(backend: str) -> dict[str, str]:
     import diffusers
     import onnx
 
-    versions = {"distrifusion": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                "onnx": onnx.__version__}
+    from .export import EXPORT_FORMAT, OPSET
+
+    versions = {"distrifusion": __version__, "export_format": str(EXPORT_FORMAT), "opset": str(OPSET),
+                "torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx.__version__}
     if backend == "onnxruntime":
         import onnxruntime
 

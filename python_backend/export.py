@@ -25,7 +25,8 @@ from .segments import SegmentIO, SegmentModule, ShapeRecorder, TimeEmbedding, pa
 log = logging.getLogger("distrifusion.export")
 
 OPSET = 17
-TWO_GB = 2**31
+EXPORT_FORMAT = 2  # bump when the graphs' contents or names change: it is part of the build cache key
+EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
 ASYNC_STEP = 1 << 30  # any step past the warm-up
 
 
@@ -179,19 +180,27 @@ class SegmentExporter:
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str]) -> None:
+    """torch.onnx.export into a scratch folder, then one clean file (plus ``<file>.data`` if large)."""
+    import tempfile
+
     import onnx
 
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, args, str(path), input_names=input_names, output_names=output_names,
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
-        )
-    model = onnx.load(str(path), load_external_data=False)
-    if size > TWO_GB // 2 or path.stat().st_size > TWO_GB:
-        # Graphs over 2 GB must keep their weights beside them (protobuf's limit).
-        model = onnx.load(str(path))
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data")
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        raw = Path(scratch) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(raw), input_names=input_names, output_names=output_names,
+                opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            )
+        model = onnx.load(str(raw))  # pulls in any per-tensor files the exporter wrote beside it
+        weights = sum(t.ByteSize() for t in model.graph.initializer)
+        data = path.with_name(path.name + ".data")
+        data.unlink(missing_ok=True)
+        if weights > EXTERNAL_DATA_ABOVE:
+            # protobuf cannot hold more than 2 GB: the weights go to one file beside the graph.
+            onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data.name, size_threshold=1024)
+        else:
+            onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
