@@ -111,3 +111,16 @@ def test_engines_refuse_a_generation_they_were_not_built_for(tiny_sdxl, engine_r
                         decode=False, progress=False, engine="onnxruntime", engine_dir=str(folder))
     with pytest.raises(Exception, match="were built for"):
         run_on_ranks(1, run_generation_job, (job,))
+
+
+def test_sd15_layout_segments_on_onnxruntime(tiny_sd15, engine_root):
+    """SD 1.x: four levels, 1x1-conv projections, cross-attention in the first down block."""
+    request = GenerationRequest("a watercolor fox", height=256, width=128, steps=5, guidance=6.0, seed=2)
+    folder = build(BuildRequest(str(tiny_sd15), 256, 128, 2, split_cfg=False), engine_root, progress=False)
+    outputs = {}
+    for engine in ("torch", "onnxruntime"):
+        job = GenerationJob(str(tiny_sd15), [(request, ParallelConfig(Mode.CORRECTED_ASYNC_GN, 2, False))],
+                            decode=False, progress=False, engine=engine, engine_dir=str(folder))
+        outputs[engine] = run_on_ranks(2, run_generation_job, (job,))[0].latents
+    assert relative_l2(outputs["onnxruntime"], outputs["torch"]) < 1e-4
+    assert len(list(folder.glob("patch1/segment_*.onnx"))) == 4 + 1 + 4
