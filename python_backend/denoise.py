@@ -73,6 +73,10 @@ class PatchParallelDenoiser:
             warmup_steps=parallel.warmup_steps,
         )
         patch_unet(pipe.unet, self.context)
+        # Each block's freshly published buffers leave together when the block ends (one collective).
+        unet = pipe.unet
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            block.register_forward_hook(lambda *_: self.context.exchange.flush())
 
     @torch.no_grad()
     def generate(
@@ -122,6 +126,7 @@ class PatchParallelDenoiser:
                     model_input, t, encoder_hidden_states=cond.prompt_embeds,
                     added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
                 )[0]
+                self.context.exchange.flush()  # conv_out's halo buffers, after the last block
             _synchronize(device)
             result.unet_seconds.append(time.perf_counter() - started)
             noise = outputs.assemble(local)

@@ -42,8 +42,9 @@ class SegmentedUNet:
                 for r, tensor in enumerate(exchange.latest(key)):
                     feeds[f"stale.{key}.{r}"] = tensor
             outputs = runner.run(feeds)
-            # One collective per segment carries all its fresh buffers: per-call latency is paid once.
-            exchange.start_bundle([(key, outputs[f"fresh.{key}"], self.shapes[key]) for key in spec["fresh"]])
+            for key in spec["fresh"]:
+                exchange.start(key, outputs[f"fresh.{key}"], self.shapes[key])
+            exchange.flush()  # one collective carries all of this segment's fresh buffers
             tensors.update({name: outputs[graph_name] for name, graph_name in zip(spec["outputs"], spec["output_names"])})
         return tensors["noise"]
 

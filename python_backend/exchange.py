@@ -44,6 +44,7 @@ class BufferExchange:
     record: bool = True
     events: list[ExchangeEvent] = field(default_factory=list)
     _latest: dict[str, _Gather] = field(default_factory=dict)
+    _queued: list = field(default_factory=list)  # (key, tensor, shapes) waiting for flush()
 
     def gather(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Blocking all-gather; the result becomes the latest for ``key``."""
@@ -54,17 +55,22 @@ class BufferExchange:
         return self._complete(pending)
 
     def start(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> None:
-        """Starts an async all-gather; ``latest(key)`` waits for it when it is next needed."""
-        self._retire(key)
-        self._latest[key] = self._launch(tensor, shapes, async_op=True)
-        self._log(key, "started", self.step, tensor)
+        """Queues ``key`` for the next async all-gather; ``latest(key)`` waits for it when next needed.
 
-    def start_bundle(self, items: list[tuple[str, torch.Tensor, list[tuple[int, ...]]]]) -> None:
-        """Starts one async all-gather carrying several keys' buffers (one collective, not one each).
-
-        Each key is padded to its largest per-rank size, so every rank's bundle has the same length.
-        ``latest(key)`` unpacks a key from it exactly as if it had travelled alone.
+        ``flush`` sends everything queued as one collective (per dtype), so a block or segment pays the
+        per-collective latency once instead of once per layer.
         """
+        self._queued.append((key, tensor, [tuple(s) for s in shapes]))
+
+    def flush(self) -> None:
+        """Launches the async all-gather of everything queued since the last flush."""
+        if self._queued:
+            items, self._queued = self._queued, []
+            self._start_bundle(items)
+
+    def _start_bundle(self, items: list[tuple[str, torch.Tensor, list[tuple[int, ...]]]]) -> None:
+        # Each key is padded to its largest per-rank size, so every rank's bundle has the same length;
+        # latest(key) unpacks a key from it exactly as if it had travelled alone.
         for dtype in dict.fromkeys(t.dtype for _, t, _ in items):
             group = [(k, t, [tuple(s) for s in shapes]) for k, t, shapes in items if t.dtype == dtype]
             pieces, offsets, offset = [], [], 0
@@ -83,6 +89,8 @@ class BufferExchange:
 
     def latest(self, key: str) -> list[torch.Tensor] | None:
         """The most recent gathered list for ``key`` (waiting for it if still in flight), or None."""
+        if any(queued == key for queued, _, _ in self._queued):
+            self.flush()
         pending = self._latest.get(key)
         if pending is None:
             return None
@@ -91,7 +99,8 @@ class BufferExchange:
         return self._complete(pending)
 
     def drain(self) -> None:
-        """Waits for every collective still in flight (end of a generation)."""
+        """Sends what is queued and waits for every collective still in flight (end of a generation)."""
+        self.flush()
         for pending in self._latest.values():
             self._complete(pending)
 
@@ -99,6 +108,7 @@ class BufferExchange:
         """Forgets every buffer, so nothing carries over into the next generation."""
         self.drain()
         self._latest.clear()
+        self._queued.clear()
         self.events.clear()
         self.step = 0
 

@@ -161,6 +161,9 @@ class SegmentIO:
     def start(self, key: str, tensor: torch.Tensor, shapes) -> None:
         self.fresh[key] = tensor
 
+    def flush(self) -> None:
+        pass
+
     def gather(self, key, tensor, shapes):
         raise RuntimeError(f"{key}: a blocking exchange cannot run inside a segment engine")
 
@@ -182,4 +185,7 @@ class ShapeRecorder:
         return None
 
     def start(self, key, tensor, shapes):
+        pass
+
+    def flush(self):
         pass

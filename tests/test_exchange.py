@@ -18,17 +18,18 @@ def _exchange_job(ranks):
     blocking = exchange.gather("a", mine, _shapes(ranks.world_size))
     exchange.step = 1
     exchange.start("b", mine * 10, _shapes(ranks.world_size))
+    exchange.flush()
     exchange.step = 2
     delayed = exchange.latest("b")
     again = exchange.latest("b")  # already complete: no second wait
     exchange.step = 3
     size = ranks.world_size
-    exchange.start_bundle([
-        ("c", mine + 100, _shapes(size)),
-        ("d", torch.full((1, ranks.rank + 2), float(ranks.rank), dtype=torch.float64),
-         [(1, r + 2) for r in range(size)]),
-        ("e", torch.full((2, 2), -1.0 - ranks.rank), [(2, 2)] * size),
-    ])
+    exchange.start("c", mine + 100, _shapes(size))
+    exchange.start("d", torch.full((1, ranks.rank + 2), float(ranks.rank), dtype=torch.float64),
+                   [(1, r + 2) for r in range(size)])
+    exchange.start("e", torch.full((2, 2), -1.0 - ranks.rank), [(2, 2)] * size)
+    assert not [e for e in exchange.events if e.key in "cde"], "nothing leaves before flush()"
+    exchange.flush()
     exchange.step = 4
     bundled = {k: [t.clone() for t in exchange.latest(k)] for k in "cde"}
     exchange.drain()
