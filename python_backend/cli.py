@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--out", type=Path, default=None, help="engine cache folder (default build/out/engines)")
     bld.add_argument("--force", action="store_true", help="rebuild even if the cache has this build")
     bld.set_defaults(handler=_build)
+
+    from .client_cli import add_client_commands
+    from .server import add_serve_command
+
+    add_serve_command(commands)
+    add_client_commands(commands)
     return parser
 
 

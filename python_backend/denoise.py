@@ -15,7 +15,7 @@ import torch
 from .context import PatchContext
 from .exchange import BufferExchange
 from .layout import PatchLayout
-from .model import encode_prompt, make_scheduler
+from .model import Conditioning, encode_prompt, make_scheduler
 from .modes import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, Mode
 from .patch_layers import patch_unet
 from .ranks import RankGroup
@@ -51,6 +51,7 @@ class ParallelConfig:
 class GenerationResult:
     latents: torch.Tensor  # final latents [B, 4, H/8, W/8]
     unet_seconds: list[float] = field(default_factory=list)  # this rank's UNet time per step
+    wait_seconds: float = 0.0  # time this rank spent waiting for layer exchanges
     events: list = field(default_factory=list)  # the layer exchange's log (ExchangeEvent)
 
 
@@ -80,9 +81,14 @@ class PatchParallelDenoiser:
 
     @torch.no_grad()
     def generate(
-        self, request: GenerationRequest, parallel: ParallelConfig | None = None, on_step=None
+        self, request: GenerationRequest, parallel: ParallelConfig | None = None, on_step=None,
+        cond: Conditioning | None = None,
     ) -> GenerationResult:
-        """Final latents of ``request``; every rank calls this with the same arguments."""
+        """Final latents of ``request``; every rank calls this with the same arguments.
+
+        ``cond`` is the full guided conditioning when the prompt was encoded elsewhere (a text
+        encoder model); without it the prompt is encoded here.
+        """
         pipe, device = self.pipe, self.ranks.device
         parallel = parallel or self.parallel
         self.context.mode, self.context.warmup_steps = parallel.mode, parallel.warmup_steps
@@ -93,10 +99,11 @@ class PatchParallelDenoiser:
         outputs = _OutputGather(self.ranks, plan, self.context.layout)
         engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
 
-        cond = encode_prompt(
-            pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
-            request.height, request.width,
-        )
+        if cond is None:
+            cond = encode_prompt(
+                pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
+                request.height, request.width,
+            )
         if plan.branch is not None:
             cond = cond.half(plan.branch)
         # diffusers' prepare_latents and prepare_extra_step_kwargs read pipe.scheduler.
@@ -139,6 +146,7 @@ class PatchParallelDenoiser:
         self.context.end_generation()
         result.latents = latents
         result.events = list(self.context.exchange.events)
+        result.wait_seconds = self.context.exchange.wait_seconds
         return result
 
 

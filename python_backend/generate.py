@@ -35,14 +35,14 @@ class RunOutput:
     events: list = field(default_factory=list)
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
-    pipe = load_pipeline(job.model, ranks.device, _dtype(job.dtype, ranks.device))
+    pipe = load_pipeline(job.model, ranks.device, torch_dtype(job.dtype, ranks.device))
     engines = None if job.engine == "torch" else EngineSet(job.engine_dir, job.engine)
     denoiser = PatchParallelDenoiser(pipe, ranks, job.runs[0][1], engines)
     outputs = []

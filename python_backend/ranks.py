@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import socket
+from datetime import timedelta
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ class RankGroup:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     halves: tuple | None = None  # the two CFG patch groups, when world_size is even and >= 2
+    control: object | None = None  # a gloo group for control messages (requests), also beside NCCL
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "RankGroup":
@@ -55,9 +57,11 @@ class RankGroup:
         if world_size >= 2 and world_size % 2 == 0:
             half = world_size // 2
             halves = (dist.new_group(list(range(half))), dist.new_group(list(range(half, world_size))))
+        # Idle workers wait on this group between requests, possibly for days.
+        control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
         if rank == 0:
             log.info("rank group of %d ready (%s)", world_size, backend)
-        return cls(rank=rank, world_size=world_size, device=device, halves=halves)
+        return cls(rank=rank, world_size=world_size, device=device, halves=halves, control=control)
 
     def plan(self, guided: bool, split_cfg: bool) -> PatchPlan:
         if self.world_size == 1:

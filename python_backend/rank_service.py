@@ -1,0 +1,112 @@
+"""A long-lived rank group that serves generations one at a time (what the Triton denoiser runs).
+
+Rank 0 lives in the calling process (the Triton model instance); ranks 1..N-1 are worker processes
+it starts, one per device. Each request is broadcast to every rank over a gloo control group, all
+ranks generate together, and rank 0 returns the result. ``close`` tells the workers to leave and
+makes sure they are gone. Nothing here knows about Triton.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .denoise import EngineSet, GenerationRequest, GenerationResult, ParallelConfig, PatchParallelDenoiser
+from .model import Conditioning, load_pipeline
+from .ranks import RankGroup, free_port
+
+log = logging.getLogger("distrifusion.rank_service")
+
+
+@dataclass(frozen=True)
+class RankServiceConfig:
+    model: str
+    world_size: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device_kind: str = "cpu"
+    engine: str = "torch"
+    engine_dir: str | None = None
+    dtype: str = "auto"
+    threads: int | None = None  # CPU threads per rank (default: cores / ranks)
+    python: str | None = None  # interpreter for worker processes (default: this one)
+
+
+def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
+    from .generate import torch_dtype
+
+    if config.device_kind == "cpu":
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // config.world_size))
+    pipe = load_pipeline(config.model, ranks.device, torch_dtype(config.dtype, ranks.device))
+    engines = None if config.engine == "torch" else EngineSet(config.engine_dir, config.engine)
+    return PatchParallelDenoiser(pipe, ranks, config.parallel, engines)
+
+
+def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
+    ranks = RankGroup.join(rank, config.world_size, "127.0.0.1", port, config.device_kind)
+    denoiser = _load(config, ranks)
+    try:
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=ranks.control)
+            if message[0] is None:
+                break
+            request, parallel, cond = message[0]
+            denoiser.generate(request, parallel, cond=cond)
+    finally:
+        ranks.close()
+
+
+class RankService:
+    def __init__(self, config: RankServiceConfig):
+        self.config = config
+        self.workers: list[multiprocessing.Process] = []
+        if config.world_size == 1:
+            device = "cuda" if config.device_kind == "cuda" else "cpu"
+            self.ranks = RankGroup.single(device)
+        else:
+            context = multiprocessing.get_context("spawn")
+            if config.python:
+                context.set_executable(config.python)
+            port = free_port()
+            log.info("starting %d rank worker process(es) for a group of %d", config.world_size - 1, config.world_size)
+            for rank in range(1, config.world_size):
+                worker = context.Process(target=_worker_main, args=(rank, port, config), daemon=True,
+                                         name=f"distrifusion-rank-{rank}")
+                worker.start()
+                self.workers.append(worker)
+            self.ranks = RankGroup.join(0, config.world_size, "127.0.0.1", port, config.device_kind)
+        self.denoiser = _load(config, self.ranks)
+        log.info("rank group of %d ready to serve", config.world_size)
+
+    def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
+                 parallel: ParallelConfig | None = None, on_step=None) -> GenerationResult:
+        parallel = parallel or self.config.parallel
+        if self.workers:
+            dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
+        return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Tells every worker to leave and makes sure each is gone within ``timeout`` seconds."""
+        if self.workers:
+            try:
+                dist.broadcast_object_list([None], src=0, group=self.ranks.control)
+            except Exception as error:  # a dead worker must not keep the others alive
+                log.warning("could not tell the workers to stop: %s", error)
+            for worker in self.workers:
+                worker.join(timeout)
+                if worker.is_alive():
+                    log.warning("rank worker %s did not stop in %.0f s; killing it", worker.pid, timeout)
+                    worker.kill()
+                    worker.join(1)
+            self.workers = []
+        self.ranks.close()
