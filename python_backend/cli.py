@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--height", type=int, default=512)
     bld.add_argument("--width", type=int, default=512)
     bld.add_argument("--ranks", type=int, default=1)
-    bld.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    bld.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="onnxruntime",
+                     help="torch: no engines (the eager core serves every step)")
     bld.add_argument("--precision", choices=("fp16", "fp32"), default=None,
                      help="default: fp16 for tensorrt, fp32 for onnxruntime")
     bld.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--cut", default=None, help='segment cut, e.g. "down0+down1,down2,mid,up0,up1+up2"')
     bld.add_argument("--out", type=Path, default=None, help="engine cache folder (default build/out/engines)")
     bld.add_argument("--force", action="store_true", help="rebuild even if the cache has this build")
+    bld.add_argument("--repository", type=Path, default=None,
+                     help="also fill a Triton model repository here, set up for this build")
+    bld.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
+    bld.add_argument("--steps", type=int, default=20, help="the served default number of steps")
+    bld.add_argument("--scheduler", choices=SCHEDULERS, default="euler", help="the served default scheduler")
     bld.set_defaults(handler=_build)
 
     from .client_cli import add_client_commands
@@ -128,10 +134,22 @@ def _build_engines(request, out, force=False):
 
 
 def _build(args) -> int:
-    args.steps, args.threads = 1, None
     validate_generate_args(args)
-    folder = _build_engines(_build_request(args, args.backend, args.precision), args.out, args.force)
-    print(f"engines ready at {folder}")
+    folder = None
+    if args.backend != "torch":
+        folder = _build_engines(_build_request(args, args.backend, args.precision), args.out, args.force)
+        print(f"engines ready at {folder}")
+    if args.repository is not None:
+        from .repository import fill_repository
+        from .serving.settings import ServingSettings
+
+        settings = ServingSettings(
+            model_dir=str(args.model.resolve()), ranks=args.ranks, mode=args.mode, warmup_steps=args.warmup_steps,
+            split_cfg=not args.no_split_cfg, engine=args.backend, engine_dir=str(folder.resolve()) if folder else "",
+            sizes=f"{args.height}x{args.width}", default_steps=args.steps, default_guidance=args.guidance,
+            default_scheduler=args.scheduler, default_height=args.height, default_width=args.width,
+        )
+        print(f"model repository ready at {fill_repository(args.repository, settings)}")
     return 0
 
 

@@ -56,7 +56,7 @@ def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
         )
         if job.decode and ranks.rank == 0:
             log.info("decoding %d image(s) with the VAE", request.num_images)
-            output.images = [np.asarray(image) for image in decode_latents(pipe, result.latents)]
+            output.images = list(decode_latents(pipe, result.latents))
         outputs.append(output)
     return outputs
 

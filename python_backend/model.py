@@ -110,12 +110,8 @@ def encode_prompt(
             do_classifier_free_guidance=guided,
             negative_prompt=negative_prompt,
         )
-        projection_dim = (
-            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-        )
-        time_ids = pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=embeds.dtype, text_encoder_projection_dim=projection_dim
-        )
+        # original size + crop top-left + target size, as diffusers' _get_add_time_ids lays them out
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype)
         if guided:
             embeds = torch.cat([negative, embeds])
             pooled = torch.cat([negative_pooled, pooled])
@@ -130,9 +126,8 @@ def encode_prompt(
     return Conditioning(embeds, None)
 
 
-def decode_latents(pipe, latents: torch.Tensor):
-    """PIL images from final latents, as the pipeline's own VAE decoding and post-processing."""
-    vae = pipe.vae
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's image [B, 3, H, W] in [-1, 1] from final latents, as diffusers' pipelines decode."""
     mean = getattr(vae.config, "latents_mean", None)
     std = getattr(vae.config, "latents_std", None)
     latents = latents.to(vae.device, vae.dtype)
@@ -143,5 +138,17 @@ def decode_latents(pipe, latents: torch.Tensor):
     else:
         latents = latents / vae.config.scaling_factor
     with torch.no_grad():
-        image = vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")
+        return vae.decode(latents, return_dict=False)[0]
+
+
+def to_uint8(image: torch.Tensor):
+    """uint8 [B, H, W, 3] from a VAE image, exactly as diffusers' image processor makes PIL images."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    array = VaeImageProcessor().postprocess(image.float(), output_type="np")
+    return (array * 255).round().astype("uint8")
+
+
+def decode_latents(pipe, latents: torch.Tensor):
+    """uint8 images [B, H, W, 3] from final latents (the pipeline's VAE and post-processing)."""
+    return to_uint8(vae_decode(pipe.vae, latents))

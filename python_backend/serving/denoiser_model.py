@@ -1,0 +1,91 @@
+"""Triton model ``denoiser``: conditioning + options -> final latents, on a patch-parallel rank group.
+
+This model instance is rank 0; it starts ranks 1..N-1 as worker processes (one per device), and
+serves requests one at a time on the whole group (Triton queues the rest).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from ..denoise import ParallelConfig
+from ..model import Conditioning
+from ..modes import Mode
+from ..rank_service import RankService, RankServiceConfig
+from . import triton_io, validation
+from .settings import ServingSettings
+
+SCALARS = ("steps", "guidance_scale", "scheduler", "seed", "height", "width")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.settings = s = ServingSettings.from_model_config(args["model_config"])
+        device_kind = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_kind == "cuda" and torch.cuda.device_count() < s.ranks:
+            raise RuntimeError(f"denoiser is configured for {s.ranks} ranks but {torch.cuda.device_count()} GPUs are visible")
+        config = RankServiceConfig(
+            model=s.model_dir, world_size=s.ranks,
+            parallel=ParallelConfig(Mode(s.mode), s.warmup_steps, s.split_cfg),
+            device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None,
+            python=os.environ.get("DISTRIFUSION_PYTHON") or _python_beside(sys.executable),
+        )
+        self.service = RankService(config)
+        self.sdxl = hasattr(self.service.denoiser.pipe, "text_encoder_2")
+        self._metrics()
+
+    def _metrics(self):
+        labels = {"model": "denoiser"}
+        def counter(name, text):
+            return pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER).Metric(labels=labels)
+        def gauge(name, text):
+            return pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE).Metric(labels=labels)
+        self.steps_total = counter("distrifusion_denoise_steps_total", "Denoising steps run by the rank group")
+        self.step_seconds_total = counter("distrifusion_denoise_step_seconds_total",
+                                          "Rank 0's UNet time summed over all steps (seconds)")
+        self.wait_seconds_total = counter("distrifusion_exchange_wait_seconds_total",
+                                          "Rank 0's time blocked in patch exchanges (seconds)")
+        self.last_step_seconds = gauge("distrifusion_last_request_step_seconds",
+                                       "Mean UNet time per step of the last request (seconds)")
+        self.last_wait_seconds = gauge("distrifusion_last_request_exchange_wait_seconds",
+                                       "Exchange wait of the last request (seconds)")
+
+    def execute(self, requests):
+        return triton_io.answer_each(requests, self._denoise)
+
+    def _denoise(self, request) -> dict[str, np.ndarray]:
+        values = {name: triton_io.optional_value(request, name) for name in SCALARS}
+        generation = validation.generation(values, self.settings)
+        device = self.service.ranks.device
+        embeds = torch.from_numpy(triton_io.tensor(request, "prompt_embeds")).to(device)
+        added = None
+        if self.sdxl:
+            added = {k: torch.from_numpy(triton_io.tensor(request, k)).to(device) for k in ("text_embeds", "time_ids")}
+        guided = embeds.shape[0] == 2 * generation.num_images
+        if guided != generation.guided:
+            raise validation.InputError("the text encoder and the denoiser disagree on guidance; check 'guidance_scale'")
+        started = time.perf_counter()
+        result = self.service.generate(generation, Conditioning(embeds, added))
+        steps = len(result.unet_seconds)
+        self.steps_total.increment(steps)
+        self.step_seconds_total.increment(sum(result.unet_seconds))
+        self.wait_seconds_total.increment(result.wait_seconds)
+        self.last_step_seconds.set(sum(result.unet_seconds) / steps)
+        self.last_wait_seconds.set(result.wait_seconds)
+        pb_utils.Logger.log_info(f"denoised {generation.height}x{generation.width}, {steps} steps in "
+                                 f"{time.perf_counter() - started:.2f} s on {self.service.config.world_size} rank(s)")
+        return {"latents": result.latents.float().cpu().numpy()}
+
+    def finalize(self):
+        self.service.close()
+
+
+def _python_beside(executable: str) -> str | None:
+    """The stub is not a Python interpreter; workers need one (the venv's, found by the launcher)."""
+    return executable if os.path.basename(executable).startswith("python") else None

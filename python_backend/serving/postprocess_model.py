@@ -1,0 +1,19 @@
+"""Triton model ``postprocess``: the VAE's image -> uint8 [H, W, 3] (the first image of the batch)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import to_uint8
+from . import triton_io
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        pass
+
+    def execute(self, requests):
+        def convert(request):
+            return {"image": to_uint8(torch.from_numpy(triton_io.tensor(request, "decoded")))[0]}
+
+        return triton_io.answer_each(requests, convert)

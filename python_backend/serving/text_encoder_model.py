@@ -1,0 +1,51 @@
+"""Triton model ``text_encoder``: prompt (+ negative prompt) -> the UNet's text conditioning."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..model import encode_prompt
+from . import triton_io, validation
+from .settings import ServingSettings
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from diffusers import DiffusionPipeline
+
+        self.settings = ServingSettings.from_model_config(args["model_config"])
+        device = _device(self.settings.device)
+        # Only the tokenizers and text encoders are needed here.
+        self.pipe = DiffusionPipeline.from_pretrained(
+            self.settings.model_dir, unet=None, vae=None, local_files_only=True,
+            dtype=torch.float16 if device.type == "cuda" else torch.float32,
+        ).to(device)
+        self.sdxl = hasattr(self.pipe, "text_encoder_2")
+
+    def execute(self, requests):
+        return triton_io.answer_each(requests, self._encode)
+
+    def _encode(self, request) -> dict[str, np.ndarray]:
+        s = self.settings
+        prompt = validation.text("prompt", triton_io.optional_value(request, "prompt"), s, required=True)
+        negative = validation.text("negative_prompt", triton_io.optional_value(request, "negative_prompt"), s,
+                                   required=False)
+        guidance = validation.guidance(triton_io.optional_value(request, "guidance_scale"), s)
+        height, width = validation.size(triton_io.optional_value(request, "height"),
+                                        triton_io.optional_value(request, "width"), s)
+        with torch.no_grad():
+            cond = encode_prompt(self.pipe, prompt, negative, 1, guidance > 1, height, width)
+        batch = cond.prompt_embeds.shape[0]
+        added = cond.added_cond_kwargs or {"text_embeds": torch.zeros(batch, 1), "time_ids": torch.zeros(batch, 1)}
+        return {
+            "prompt_embeds": cond.prompt_embeds.float().cpu().numpy(),
+            "text_embeds": added["text_embeds"].float().cpu().numpy(),
+            "time_ids": added["time_ids"].float().cpu().numpy(),
+        }
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)

@@ -1,0 +1,46 @@
+"""Reading inputs from and answering Triton Python-backend requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from .validation import InputError
+
+
+def optional_value(request, name: str):
+    """The single element of input ``name``, or None when the request did not send it."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy()
+    if array.size != 1:
+        raise InputError(f"input '{name}' must hold exactly one element, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    return value if isinstance(value, (bytes, str)) else value.item()
+
+
+def tensor(request, name: str) -> np.ndarray:
+    return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+
+def respond(outputs: dict[str, np.ndarray]):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+
+def error(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+def answer_each(requests, handle):
+    """Runs ``handle(request) -> outputs`` per request; a bad input answers that request alone."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(respond(handle(request)))
+        except InputError as bad:
+            responses.append(error(str(bad)))
+        except Exception as failure:  # the model stays up; the client learns what went wrong
+            pb_utils.Logger.log_error(f"request failed: {failure!r}")
+            responses.append(error(f"internal error: {failure}"))
+    return responses

@@ -1,0 +1,28 @@
+"""Triton model ``vae_decoder``: final latents -> the VAE's image [B, 3, H, W] in [-1, 1]."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..model import vae_decode
+from . import triton_io
+from .settings import ServingSettings
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from diffusers import AutoencoderKL
+
+        settings = ServingSettings.from_model_config(args["model_config"])
+        device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.vae = AutoencoderKL.from_pretrained(os.path.join(settings.model_dir, "vae"), local_files_only=True)
+        self.vae = self.vae.to(device).eval()
+
+    def execute(self, requests):
+        def decode(request):
+            latents = torch.from_numpy(triton_io.tensor(request, "latents"))
+            return {"decoded": vae_decode(self.vae, latents).float().cpu().numpy()}
+
+        return triton_io.answer_each(requests, decode)

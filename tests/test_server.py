@@ -1,0 +1,200 @@
+"""The real tritonserver (from the nvidia-pytriton wheel) with a Python-backend model, and perf_analyzer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from python_backend import server as srv
+from python_backend.perf_tools import find_perf_analyzer, run_perf_analyzer
+
+CONFIG = """\
+name: "echo"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [
+  { name: "OUTPUT" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "CHILD_PID" data_type: TYPE_INT64 dims: [ 1 ] }
+]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+# The spawned child runs a function it can import: this module, next to model.py.
+WORKER = """\
+def echo_loop(requests, replies):
+    for item in iter(requests.get, None):
+        replies.put(item)
+"""
+
+MODEL = """\
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+import torch  # noqa: F401  (the venv's site-packages are visible)
+import python_backend  # noqa: F401  (the project is visible)
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(__file__))
+from echo_worker import echo_loop
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        multiprocessing.set_executable(os.environ["DISTRIFUSION_PYTHON"])
+        ctx = multiprocessing.get_context("spawn")
+        self.requests, self.replies = ctx.Queue(), ctx.Queue()
+        self.child = ctx.Process(target=echo_loop, args=(self.requests, self.replies), daemon=True)
+        self.child.start()
+        self.requests.put("ping")
+        assert self.replies.get(timeout=60) == "ping"
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            text = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()[0]
+            self.requests.put(text)
+            echoed = self.replies.get(timeout=30)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUTPUT", np.array([echoed], dtype=np.object_)),
+                pb_utils.Tensor("CHILD_PID", np.array([self.child.pid], dtype=np.int64)),
+            ]))
+        return responses
+
+    def finalize(self):
+        self.requests.put(None)
+        self.child.join(timeout=10)
+        if self.child.is_alive():
+            self.child.terminate()
+"""
+
+
+def write_echo_repository(root: Path) -> Path:
+    version = root / "echo" / "1"
+    version.mkdir(parents=True)
+    (root / "echo" / "config.pbtxt").write_text(CONFIG)
+    (version / "model.py").write_text(MODEL)
+    (version / "echo_worker.py").write_text(WORKER)
+    return root
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    repository = write_echo_repository(root / "repository")
+    http, grpc, metrics = srv.free_ports(3)
+    server = srv.TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                              host="127.0.0.1", workdir=root / "work")
+    server.start()
+    try:
+        server.wait_ready(timeout=60)
+        yield server
+    finally:
+        server.stop()
+
+
+def infer_http(url: str, text: str):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url)
+    given = httpclient.InferInput("INPUT", [1], "BYTES")
+    given.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+    result = client.infer("echo", [given])
+    return result.as_numpy("OUTPUT")[0], int(result.as_numpy("CHILD_PID")[0])
+
+
+def infer_grpc(url: str, text: str):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    given = grpcclient.InferInput("INPUT", [1], "BYTES")
+    given.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+    result = client.infer("echo", [given])
+    return result.as_numpy("OUTPUT")[0], int(result.as_numpy("CHILD_PID")[0])
+
+
+def test_environment_for_the_stub():
+    env = srv.server_environment()
+    import sysconfig
+
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == sysconfig.get_config_var("LIBDIR")
+    assert env[srv.PYTHON_ENV_VAR] == os.sys.executable
+    assert str(srv.PROJECT_ROOT) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_echo_over_http_and_grpc_with_metrics(echo_server):
+    text, child = infer_http(echo_server.urls["http"], "hello http")
+    assert text == b"hello http"
+    assert alive(child) and os.getpgid(child) == echo_server.pgid
+
+    text, child_again = infer_grpc(echo_server.urls["grpc"], "hello grpc")
+    assert text == b"hello grpc" and child_again == child
+
+    metrics = urllib.request.urlopen(echo_server.urls["metrics"], timeout=5).read().decode()
+    assert "nv_inference_request_success" in metrics
+
+
+def test_perf_analyzer_concurrency_one(echo_server, tmp_path):
+    assert find_perf_analyzer().is_file()
+    data = tmp_path / "input.json"
+    data.write_text(json.dumps({"data": [{"INPUT": ["hello perf"]}]}))
+    out = tmp_path / "out.csv"
+    run = run_perf_analyzer(["-m", "echo", "--input-data", data, "-u", echo_server.urls["http"], "-i", "http",
+                             "--concurrency-range", "1:1", "--measurement-interval", "300",
+                             "--stability-percentage", "100", "--max-trials", "3", "-f", out],
+                            workdir=tmp_path, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1 and float(rows[0]["Inferences/Second"]) > 0
+
+
+def test_stop_leaves_no_process(echo_server):
+    _, child = infer_http(echo_server.urls["http"], "last")
+    pgid = echo_server.pgid
+    assert srv.group_members(pgid)
+    code = echo_server.stop()
+    assert code == 0, echo_server.log_tail()
+    assert srv.group_members(pgid) == []
+    assert not alive(child)
+    assert "finalize" not in echo_server.log_tail().lower() or "error" not in echo_server.log_tail().lower()
+
+
+def test_dead_server_raises_with_log_tail(tmp_path):
+    repository = tmp_path / "repository"
+    (repository / "broken").mkdir(parents=True)
+    (repository / "broken" / "config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')
+    http, grpc, metrics = srv.free_ports(3)
+    server = srv.TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                              host="127.0.0.1", workdir=tmp_path / "work")
+    with pytest.raises(srv.ServerError, match="exited with code"):
+        with server:
+            pass
+    assert srv.group_members(server.pgid) == []
+
+
+def test_serve_rejects_a_missing_repository(tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    srv.add_serve_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--repository", str(tmp_path / "missing")])
+    assert args.handler(args) == 2
+    err = capsys.readouterr().err
+    assert "--repository" in err and len(err.strip().splitlines()) == 1
