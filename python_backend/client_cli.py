@@ -182,7 +182,7 @@ def _perf(args) -> int:
     if problem:
         return _usage_error("perf", problem)
 
-    from .server import find_perf_analyzer, perf_analyzer_environment
+    from .perf_tools import find_perf_analyzer, perf_analyzer_environment
 
     csv_path = args.csv.resolve()
     csv_path.parent.mkdir(parents=True, exist_ok=True)

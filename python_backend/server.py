@@ -22,22 +22,28 @@ The environment the server and its Python backend stub need (:func:`server_envir
   interpreter's standard library and extension modules), and ``multiprocessing`` in particular breaks.
   ``nvidia_pytriton.libs`` holds the libraries ``libtriton_python.so`` needs once it is copied out of the
   wheel (its RPATH is relative to the wheel).
-* ``PATH``: the interpreter's bin folder first. The embedded interpreter has no program path of its own
-  and looks up ``python3`` on PATH to find its prefix; finding the venv's ``python3`` (and its
-  ``pyvenv.cfg``) makes the venv's site-packages part of ``sys.path``.
-* ``PYTHONPATH``: the project root (so models can ``import python_backend``), then the interpreter's
-  site-packages, so the venv is visible even if the prefix search above lands elsewhere.
-* ``DISTRIFUSION_PYTHON`` (:data:`PYTHON_ENV_VAR`): the running interpreter (``sys.executable``). Inside
-  the stub ``sys.executable`` is not a usable Python, so a model that starts worker processes must call
-  ``multiprocessing.set_executable(os.environ["DISTRIFUSION_PYTHON"])`` (or pass it to a spawn context's
-  ``set_executable``) before it starts them.
+* ``PATH``: the interpreter's bin folder first. This is what makes the venv visible to the stub: its
+  embedded interpreter is initialised in isolated mode (it ignores ``PYTHONPATH``, ``PYTHONHOME`` and the
+  like) and has no program path of its own, so it looks up ``python3`` on PATH to find its prefix;
+  finding the venv's ``python3`` (and its ``pyvenv.cfg``) puts the venv's site-packages (and so the
+  editable install of this project) on ``sys.path``, and makes ``sys.executable`` the venv's python.
+* ``PYTHONPATH``: the project root, then the interpreter's site-packages. The stub itself ignores it, but
+  the processes a model starts are ordinary interpreters that honour it.
+* ``DISTRIFUSION_PYTHON`` (:data:`PYTHON_ENV_VAR`): the running interpreter (``sys.executable``). A model
+  that starts worker processes calls ``multiprocessing.set_executable(os.environ["DISTRIFUSION_PYTHON"])``
+  before it starts them, so they never depend on what the stub guessed for ``sys.executable``.
+* ``DISTRIFUSION_PROJECT_ROOT`` (:data:`PROJECT_ROOT_ENV_VAR`): the folder holding ``python_backend``; a
+  model can put it on ``sys.path`` where the project is not installed into the interpreter.
 
 Processes
 ---------
 :class:`TritonServer` starts ``tritonserver`` in a new session (its own process group), with stdout and
 stderr in ``<workdir>/tritonserver.log``. The stubs, and any processes they start, stay in that group
 unless they leave it themselves; after the server exits, :meth:`TritonServer.stop` kills whatever of
-the group remains.
+the group remains. On SIGTERM the server first waits (up to ``--exit-timeout-secs``, 5 s here unless
+``extra_args`` says otherwise) for open HTTP connections and in-flight requests; if that time runs out it
+exits at once without unloading its models, so ``finalize`` never runs and the stubs are left for the
+group kill. Close (or drop) clients before stopping to get a clean unload.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ log = logging.getLogger("distrifusion.server")
 
 PYTHON_ENV_VAR = "DISTRIFUSION_PYTHON"
 """Environment variable naming the Python interpreter models must use for worker processes."""
+PROJECT_ROOT_ENV_VAR = "DISTRIFUSION_PROJECT_ROOT"
+"""Environment variable naming the folder that holds the ``python_backend`` package."""
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NGC_ROOT = Path("/opt/tritonserver")
@@ -179,6 +187,7 @@ def server_environment() -> dict:
     _prepend(env, "PATH", [str(Path(sys.executable).parent)])
     _prepend(env, "PYTHONPATH", [str(PROJECT_ROOT), *_site_packages()])
     env[PYTHON_ENV_VAR] = sys.executable
+    env[PROJECT_ROOT_ENV_VAR] = str(PROJECT_ROOT)
     return env
 
 
@@ -286,7 +295,7 @@ class TritonServer:
                 f"--backend-directory={backend_dir}",
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-                "--allow-metrics=true", f"--metrics-port={self.metrics_port}",
+                "--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 f"--log-verbose={self.log_verbose}"]
         if not any(a.startswith("--exit-timeout-secs") for a in self.extra_args):
             args.append(f"--exit-timeout-secs={DEFAULT_EXIT_TIMEOUT_S}")
@@ -336,6 +345,8 @@ class TritonServer:
         """
         if self.process is None:
             return None
+        if self._log_file is None:  # stopped already
+            return self.process.returncode
         if self.process.poll() is None:
             log.info("stopping tritonserver (pid %d)", self.process.pid)
             self.process.send_signal(signal.SIGTERM)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import textwrap
+import signal
+import subprocess
+import sys
+import sysconfig
 import urllib.request
 from pathlib import Path
 
@@ -97,12 +100,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def echo_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("triton")
-    repository = write_echo_repository(root / "repository")
-    http, grpc, metrics = srv.free_ports(3)
-    server = srv.TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                              host="127.0.0.1", workdir=root / "work")
-    server.start()
+    server = start_echo_server(tmp_path_factory.mktemp("triton"))
     try:
         server.wait_ready(timeout=60)
         yield server
@@ -130,13 +128,21 @@ def infer_grpc(url: str, text: str):
     return result.as_numpy("OUTPUT")[0], int(result.as_numpy("CHILD_PID")[0])
 
 
+def start_echo_server(root: Path, *extra_args: str) -> srv.TritonServer:
+    repository = write_echo_repository(root / "repository")
+    http, grpc, metrics = srv.free_ports(3)
+    server = srv.TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                              host="127.0.0.1", workdir=root / "work", extra_args=extra_args)
+    server.start()
+    return server
+
+
 def test_environment_for_the_stub():
     env = srv.server_environment()
-    import sysconfig
-
     assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == sysconfig.get_config_var("LIBDIR")
-    assert env[srv.PYTHON_ENV_VAR] == os.sys.executable
-    assert str(srv.PROJECT_ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env[srv.PYTHON_ENV_VAR] == sys.executable
+    assert env[srv.PROJECT_ROOT_ENV_VAR] == str(srv.PROJECT_ROOT)
 
 
 def test_echo_over_http_and_grpc_with_metrics(echo_server):
@@ -158,7 +164,7 @@ def test_perf_analyzer_concurrency_one(echo_server, tmp_path):
     out = tmp_path / "out.csv"
     run = run_perf_analyzer(["-m", "echo", "--input-data", data, "-u", echo_server.urls["http"], "-i", "http",
                              "--concurrency-range", "1:1", "--measurement-interval", "300",
-                             "--stability-percentage", "100", "--max-trials", "3", "-f", out],
+                             "--stability-percentage", "1000", "--max-trials", "10", "-f", out],
                             workdir=tmp_path, timeout=60, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = list(csv.DictReader(out.open()))
@@ -173,7 +179,51 @@ def test_stop_leaves_no_process(echo_server):
     assert code == 0, echo_server.log_tail()
     assert srv.group_members(pgid) == []
     assert not alive(child)
-    assert "finalize" not in echo_server.log_tail().lower() or "error" not in echo_server.log_tail().lower()
+    assert "successfully unloaded 'echo'" in echo_server.log_path.read_text()
+
+
+def test_stop_kills_what_an_unclean_exit_leaves(tmp_path):
+    import tritonclient.http as httpclient
+
+    server = start_echo_server(tmp_path, "--exit-timeout-secs=1")
+    try:
+        server.wait_ready(timeout=60)
+        _, child = infer_http(server.urls["http"], "hello")
+        client = httpclient.InferenceServerClient(server.urls["http"])
+        assert client.is_server_live()  # this open connection makes the server give up unloading
+        pgid = server.pgid
+        server.stop()
+        assert "Exit timeout expired" in server.log_path.read_text()
+        assert srv.group_members(pgid) == [] and not alive(child)
+    finally:
+        server.stop()
+
+
+def test_serve_command_stops_cleanly_on_sigint(tmp_path):
+    repository = write_echo_repository(tmp_path / "repository")
+    http, grpc, metrics = srv.free_ports(3)
+    cmd = [sys.executable, "-m", "python_backend.server", "--repository", str(repository),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--host", "127.0.0.1", "--workdir", str(tmp_path / "work")]
+    serve = subprocess.Popen(cmd, cwd=srv.PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any("metrics:" in line for line in lines):
+            line = serve.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert any(f"http://127.0.0.1:{http}" in line for line in lines)
+        assert any(f"127.0.0.1:{grpc}" in line for line in lines)
+        text, child = infer_http(f"127.0.0.1:{http}", "via serve")
+        assert text == b"via serve"
+        server_pgid = os.getpgid(child)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=30) == 0, serve.stdout.read()
+        assert srv.group_members(server_pgid) == [] and not alive(child)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
 
 
 def test_dead_server_raises_with_log_tail(tmp_path):

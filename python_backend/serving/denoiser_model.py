@@ -42,10 +42,19 @@ class TritonPythonModel:
 
     def _metrics(self):
         labels = {"model": "denoiser"}
+        self.metric_families = []  # a family must outlive its metrics
+
+        def metric(name, text, kind):
+            family = pb_utils.MetricFamily(name=name, description=text, kind=kind)
+            self.metric_families.append(family)
+            return family.Metric(labels=labels)
+
         def counter(name, text):
-            return pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER).Metric(labels=labels)
+            return metric(name, text, pb_utils.MetricFamily.COUNTER)
+
         def gauge(name, text):
-            return pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE).Metric(labels=labels)
+            return metric(name, text, pb_utils.MetricFamily.GAUGE)
+
         self.steps_total = counter("distrifusion_denoise_steps_total", "Denoising steps run by the rank group")
         self.step_seconds_total = counter("distrifusion_denoise_step_seconds_total",
                                           "Rank 0's UNet time summed over all steps (seconds)")

@@ -56,6 +56,16 @@ class ServingSettings:
         return SCHEDULERS
 
 
+def cpu_threads(settings: ServingSettings) -> None:
+    """CPU threads per process: cores / ranks, as ``distrifusion generate`` uses, so that the served
+    image equals the command line's bit for bit (the thread count changes float summation order)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.ranks))
+
+
 def _parse(kind: str, text: str):
     if kind == "bool":
         return text.strip().lower() in ("1", "true", "yes")

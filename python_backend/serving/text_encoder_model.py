@@ -7,7 +7,7 @@ import torch
 
 from ..model import encode_prompt
 from . import triton_io, validation
-from .settings import ServingSettings
+from .settings import ServingSettings, cpu_threads
 
 
 class TritonPythonModel:
@@ -15,6 +15,7 @@ class TritonPythonModel:
         from diffusers import DiffusionPipeline
 
         self.settings = ServingSettings.from_model_config(args["model_config"])
+        cpu_threads(self.settings)
         device = _device(self.settings.device)
         # Only the tokenizers and text encoders are needed here.
         self.pipe = DiffusionPipeline.from_pretrained(

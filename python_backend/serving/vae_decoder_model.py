@@ -8,7 +8,7 @@ import torch
 
 from ..model import vae_decode
 from . import triton_io
-from .settings import ServingSettings
+from .settings import ServingSettings, cpu_threads
 
 
 class TritonPythonModel:
@@ -16,6 +16,7 @@ class TritonPythonModel:
         from diffusers import AutoencoderKL
 
         settings = ServingSettings.from_model_config(args["model_config"])
+        cpu_threads(settings)
         device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = AutoencoderKL.from_pretrained(os.path.join(settings.model_dir, "vae"), local_files_only=True)
         self.vae = self.vae.to(device).eval()

@@ -1,0 +1,182 @@
+"""docker-compose.yml and the Dockerfile: the GPU serving stack has what it needs, every image is pinned,
+and (where the docker compose CLI exists) compose itself accepts the file."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = REPO / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose):
+    return compose["services"]
+
+
+def _command(service) -> str:
+    command = service.get("command", "")
+    return " ".join(command) if isinstance(command, list) else command
+
+
+def _mount_targets(service) -> dict:
+    """target path -> source for short-syntax volumes."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        parts = volume.split(":")
+        mounts[parts[1]] = parts[0]
+    return mounts
+
+
+def _is_pinned(reference: str) -> bool:
+    if "@sha256:" in reference:
+        return True
+    name, _, tag = reference.rpartition(":")
+    if not name or "/" in tag:  # no tag at all ("host:5000/image" has a port, not a tag)
+        return False
+    return tag != "latest" and "${" not in tag and bool(re.search(r"\d", tag))
+
+
+def _gpu_devices(service) -> list:
+    return service["deploy"]["resources"]["reservations"]["devices"]
+
+
+def test_triton_service_reserves_all_gpus(services):
+    triton = services["triton"]
+    assert "image" in triton or "build" in triton
+    assert {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]} in _gpu_devices(triton)
+
+
+def test_triton_serves_the_repository_with_the_engine_cache(compose, services):
+    triton = services["triton"]
+    assert "distrifusion serve --repository /repository" in _command(triton)
+    mounts = _mount_targets(triton)
+    named = set(compose["volumes"])
+    assert mounts["/repository"] in named
+    engine_targets = [target for target in mounts if "engines" in target]
+    assert engine_targets and all(mounts[target] in named for target in engine_targets)
+
+
+def test_ports_bind_to_a_configurable_address_defaulting_to_localhost(services):
+    ports = services["triton"]["ports"]
+    for port in (8000, 8001, 8002):
+        assert f"${{BIND_ADDRESS:-127.0.0.1}}:{port}:{port}" in ports
+
+
+def test_healthcheck_asks_for_readiness(services):
+    check = services["triton"]["healthcheck"]
+    test = " ".join(check["test"]) if isinstance(check["test"], list) else check["test"]
+    assert "curl" in test and "http://localhost:8000/v2/health/ready" in test
+
+
+def test_shared_memory_is_large_for_nccl(services):
+    triton = services["triton"]
+    assert triton.get("ipc") == "host" or re.fullmatch(r"\d+(gb|g)", str(triton.get("shm_size", "")).lower())
+
+
+def test_engines_are_built_before_serving(services):
+    triton = services["triton"]
+    assert triton["depends_on"]["build"]["condition"] == "service_completed_successfully"
+    build = services["build"]
+    command = _command(build)
+    for part in ("distrifusion build", "--model /models/sdxl", "--height ${HEIGHT:-1024}", "--width ${WIDTH:-1024}",
+                 "--ranks ${RANKS:-2}", "--backend tensorrt", "--repository /repository"):
+        assert part in command
+    assert {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]} in _gpu_devices(build)
+    # the build writes where triton reads
+    triton_mounts, build_mounts = _mount_targets(triton), _mount_targets(build)
+    for target, source in build_mounts.items():
+        if target == "/repository" or "engines" in target:
+            assert triton_mounts.get(target) == source
+
+
+def test_model_control_api_stays_disabled():
+    assert "model-control-mode" not in COMPOSE.read_text()
+
+
+def test_perf_service_uses_the_sdk_image_on_demand(services):
+    perf = services["perf"]
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3-sdk", perf["image"])
+    assert perf["profiles"] == ["perf"]
+    assert any(source.endswith("clients/perf_inputs.json") for source in _mount_targets(perf).values())
+    command = _command(perf)
+    assert "perf_analyzer" in command and "-m pipeline" in command and "triton:800" in command
+
+
+def test_server_and_sdk_images_are_the_same_release(services):
+    perf_tag = services["perf"]["image"].rsplit(":", 1)[1]
+    from_line = next(line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
+    assert from_line.split()[1] == "nvcr.io/nvidia/tritonserver:" + perf_tag.removesuffix("-sdk")
+
+
+def test_base_image_python_can_install_the_project():
+    """NGC tritonserver releases before 24.12 ship Python 3.10 (Ubuntu 22.04); the pinned transformers and
+    diffusers need Python >= 3.11, and the Python backend stub embeds the image's own Python."""
+    import tomllib
+
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert ">=3.10" in requires or ">=3.11" in requires or ">=3.12" in requires
+    from_line = next(line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
+    year, month = re.search(r"tritonserver:(\d\d)\.(\d\d)-py3", from_line).groups()
+    assert (int(year), int(month)) >= (24, 12), from_line
+
+
+def test_every_image_is_pinned(services):
+    images = [service["image"] for service in services.values() if "image" in service]
+    assert images
+    for image in images:
+        assert _is_pinned(image), image
+
+
+def test_dockerfile_base_is_pinned():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    bases = [line.split() for line in dockerfile.splitlines() if line.strip().upper().startswith("FROM ")]
+    assert bases
+    for words in bases:
+        image = next(word for word in words[1:] if not word.startswith("--"))
+        assert _is_pinned(image), image
+    assert '".[gpu]"' in dockerfile or ".[gpu]" in dockerfile
+
+
+def test_pin_check_rejects_floating_tags():
+    assert _is_pinned("nvcr.io/nvidia/tritonserver:24.10-py3")
+    assert _is_pinned("ubuntu@sha256:" + "0" * 64)
+    for reference in ("nvcr.io/nvidia/tritonserver", "tritonserver:latest", "localhost:5000/image", "image:${TAG}"):
+        assert not _is_pinned(reference), reference
+
+
+def _docker_compose_cli():
+    """``docker compose`` (the v2 plugin), else the standalone ``docker-compose``; or None and why not."""
+    reasons = []
+    for cli in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cli[0]) is None:
+            reasons.append(f"no {cli[0]} on PATH")
+            continue
+        try:
+            probe = subprocess.run([*cli, "version"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            reasons.append(f"`{' '.join(cli)} version` failed: {error}")
+            continue
+        if probe.returncode == 0:
+            return cli, None
+        output = (probe.stderr or probe.stdout).strip().splitlines()
+        reasons.append(f"`{' '.join(cli)} version` failed: {output[0] if output else 'no output'}")
+    return None, "; ".join(reasons)
+
+
+def test_docker_compose_accepts_the_file():
+    cli, reason = _docker_compose_cli()
+    if cli is None:
+        pytest.skip(f"docker compose config not run: {reason}")
+    done = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,145 @@
+"""The real tritonserver with the embedded model: ensemble over HTTP and gRPC, 2 CPU ranks behind it."""
+
+import os
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from clients import grpc_client, http_client
+from python_backend.denoise import GenerationRequest, ParallelConfig
+from python_backend.generate import GenerationJob, run_generation_job
+from python_backend.modes import Mode
+from python_backend.ranks import run_on_ranks
+from python_backend.repository import fill_repository
+from python_backend.server import TritonServer, free_ports
+from python_backend.serving.settings import ServingSettings
+
+SIZE, STEPS, RANKS, WARMUP = 128, 4, 2, 2
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sdxl, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    settings = ServingSettings(model_dir=str(tiny_sdxl), ranks=RANKS, mode="corrected_async_gn",
+                               warmup_steps=WARMUP, split_cfg=False, sizes=f"{SIZE}x{SIZE}",
+                               default_steps=STEPS, default_height=SIZE, default_width=SIZE)
+    repository = fill_repository(root / "repository", settings)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    triton = TritonServer(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          host="127.0.0.1", workdir=root / "work")
+    triton.start()
+    try:
+        triton.wait_ready(240)
+        yield triton
+    finally:
+        triton.stop()
+
+
+def _urls(server):
+    return f"127.0.0.1:{server.http_port}", f"127.0.0.1:{server.grpc_port}"
+
+
+def _generate_in_process(model, world_size, **options):
+    request = GenerationRequest(height=SIZE, width=SIZE, **options)
+    job = GenerationJob(str(model), [(request, ParallelConfig(Mode.CORRECTED_ASYNC_GN, WARMUP, False))],
+                        decode=True, progress=False)
+    return run_on_ranks(world_size, run_generation_job, (job,))[0].images[0]
+
+
+def test_http_and_grpc_images_equal_each_other_and_in_process_generation(server, tiny_sdxl):
+    http_url, grpc_url = _urls(server)
+    options = dict(prompt="a photo of an astronaut riding a horse", seed=42, steps=STEPS, guidance_scale=5.0,
+                   scheduler="euler")
+    over_http = http_client.generate(http_url, **options)
+    over_grpc = grpc_client.generate(grpc_url, **options)
+    assert over_http.shape == (SIZE, SIZE, 3) and over_http.dtype == np.uint8
+    np.testing.assert_array_equal(over_http, over_grpc)
+    local = _generate_in_process(tiny_sdxl, RANKS, prompt=options["prompt"], seed=42, steps=STEPS, guidance=5.0)
+    np.testing.assert_array_equal(over_http, local)
+
+
+def test_every_sent_input_takes_effect(server, tiny_sdxl):
+    http_url, _ = _urls(server)
+    base = http_client.generate(http_url, "a red cube", seed=1)
+    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=2))
+    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, steps=STEPS + 1))
+    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, guidance_scale=2.0))
+    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, scheduler="ddim"))
+    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, negative_prompt="blue"))
+    # defaults come from the config: seed 0, STEPS steps, euler, guidance 5
+    np.testing.assert_array_equal(http_client.generate(http_url, "a red cube"),
+                                  http_client.generate(http_url, "a red cube", seed=0, steps=STEPS,
+                                                       scheduler="euler", guidance_scale=5.0))
+
+
+def _raw_infer(url, inputs):
+    client = httpclient.InferenceServerClient(url)
+    try:
+        tensors = []
+        for name, array, dtype in inputs:
+            tensor = httpclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        return client.infer("pipeline", tensors)
+    finally:
+        client.close()
+
+
+PROMPT = ("prompt", np.array([b"a cat"], dtype=object), "BYTES")
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([("prompt", np.array([b""], dtype=object), "BYTES")], "input 'prompt' must not be empty"),
+    ([("prompt", np.array([b"  "], dtype=object), "BYTES")], "input 'prompt' must not be empty"),
+    ([("seed", np.array([1], dtype=np.int64), "INT64")], "prompt"),
+    ([("prompt", np.array([b"\xff\xfe bad"], dtype=object), "BYTES")], "input 'prompt' must be valid UTF-8"),
+    ([PROMPT, ("height", np.array([256], dtype=np.int32), "INT32")], f"allowed (built) sizes: {SIZE}x{SIZE}"),
+    ([PROMPT, ("steps", np.array([0], dtype=np.int32), "INT32")], "input 'steps' is 0; allowed: 1 to 1000"),
+    ([PROMPT, ("steps", np.array([1001], dtype=np.int32), "INT32")], "input 'steps' is 1001; allowed: 1 to 1000"),
+    ([PROMPT, ("guidance_scale", np.array([-1.0], dtype=np.float32), "FP32")], "input 'guidance_scale' is -1.0; allowed: 0.0 to 30.0"),
+    ([PROMPT, ("guidance_scale", np.array([np.nan], dtype=np.float32), "FP32")], "input 'guidance_scale'"),
+    ([PROMPT, ("scheduler", np.array([b"lms"], dtype=object), "BYTES")], "input 'scheduler' is 'lms'; allowed: ddim, euler, euler-a, dpmpp-2m"),
+    ([PROMPT, ("steps", np.array([4.0], dtype=np.float32), "FP32")], "steps"),
+    ([("prompt", np.array([b"a", b"b"], dtype=object), "BYTES")], "prompt"),
+])
+def test_bad_input_is_named_and_the_server_keeps_serving(server, inputs, message):
+    http_url, _ = _urls(server)
+    with pytest.raises(InferenceServerException) as error:
+        _raw_infer(http_url, inputs)
+    assert message in str(error.value)
+    assert _ready(server)
+    image = _raw_infer(http_url, [PROMPT, ("steps", np.array([1], dtype=np.int32), "INT32")]).as_numpy("image")
+    assert image.shape == (SIZE, SIZE, 3)
+
+
+def _ready(server) -> bool:
+    http_url, _ = _urls(server)
+    with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=5) as response:
+        return response.status == 200
+
+
+def test_metrics_include_triton_and_denoiser_figures(server):
+    http_client.generate(_urls(server)[0], "a metric", steps=2)
+    with urllib.request.urlopen(server.urls["metrics"], timeout=5) as response:
+        text = response.read().decode()
+    assert 'nv_inference_request_success{model="pipeline"' in text
+    for name in ("distrifusion_denoise_steps_total", "distrifusion_denoise_step_seconds_total",
+                 "distrifusion_exchange_wait_seconds_total", "distrifusion_last_request_step_seconds"):
+        assert name in text, name
+
+
+def test_perf_analyzer_sweeps_concurrency_one_to_two(server, tmp_path):
+    csv = tmp_path / "perf.csv"
+    command = [sys.executable, "-m", "python_backend.cli", "perf", "--url", _urls(server)[0],
+               "--concurrency", "1:2", "--csv", str(csv)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split(",") for line in csv.read_text().splitlines()]
+    concurrency = [row[0] for row in rows[1:]]
+    assert concurrency == ["1", "2"]
