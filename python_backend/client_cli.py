@@ -188,8 +188,13 @@ def _perf(args) -> int:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     csv_path.unlink(missing_ok=True)  # never summarise a previous run
     started = time.time()
+    try:
+        executable = find_perf_analyzer()
+    except FileNotFoundError as error:
+        print(f"distrifusion perf: {error}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="perf_analyzer-") as workdir:
-        command = perf_analyzer_command(args, find_perf_analyzer())
+        command = perf_analyzer_command(args, executable)
         print("running: " + " ".join(command), flush=True)
         done = subprocess.run(command, cwd=csv_path.parent, env=perf_analyzer_environment(Path(workdir)))
     if done.returncode != 0 or not csv_path.is_file():

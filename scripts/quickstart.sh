@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# Sets up, writes the embedded default model and generates one image on 2 ranks.
+# The main job on the embedded default model: set up, write the model, fill a Triton model repository
+# for 2 CPU ranks, start the real tritonserver, generate one image through it over HTTP, save it, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1
-[ -f artifacts/tiny-sdxl/model_index.json ] || .venv/bin/distrifusion tiny-model artifacts/tiny-sdxl
-.venv/bin/distrifusion generate --model artifacts/tiny-sdxl --prompt "a photo of an astronaut riding a horse" \
-  --ranks 2 --steps 20 --seed 0 --out outputs/astronaut.png --latents-out outputs/astronaut.npy "$@"
+HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
+bin=.venv/bin
+[ -f artifacts/tiny-sdxl/model_index.json ] || $bin/distrifusion tiny-model artifacts/tiny-sdxl
+$bin/distrifusion build --model artifacts/tiny-sdxl --height 512 --width 512 --ranks 2 --backend torch \
+  --repository artifacts/repository
+$bin/distrifusion serve --repository artifacts/repository --host 127.0.0.1 \
+  --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+$bin/python - "$HTTP_PORT" <<'PY'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/v2/health/ready"
+for _ in range(300):
+    try:
+        if urllib.request.urlopen(url, timeout=2).status == 200:
+            sys.exit(0)
+    except OSError:
+        time.sleep(1)
+sys.exit("the server did not become ready in 300 s")
+PY
+$bin/distrifusion client --url "127.0.0.1:$HTTP_PORT" --protocol http \
+  --prompt "a photo of an astronaut riding a horse" --seed 0 --out outputs/astronaut.png "$@"

@@ -121,10 +121,6 @@ def test_server_and_sdk_images_are_the_same_release(services):
 def test_base_image_python_can_install_the_project():
     """NGC tritonserver releases before 24.12 ship Python 3.10 (Ubuntu 22.04); the pinned transformers and
     diffusers need Python >= 3.11, and the Python backend stub embeds the image's own Python."""
-    import tomllib
-
-    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert ">=3.10" in requires or ">=3.11" in requires or ">=3.12" in requires
     from_line = next(line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
     year, month = re.search(r"tritonserver:(\d\d)\.(\d\d)-py3", from_line).groups()
     assert (int(year), int(month)) >= (24, 12), from_line

@@ -113,6 +113,7 @@ def test_bad_input_is_named_and_the_server_keeps_serving(server, inputs, message
     with pytest.raises(InferenceServerException) as error:
         _raw_infer(http_url, inputs)
     assert message in str(error.value)
+    assert str(error.value).startswith("[400]")  # a client error, not a server failure
     assert _ready(server)
     image = _raw_infer(http_url, [PROMPT, ("steps", np.array([1], dtype=np.int32), "INT32")]).as_numpy("image")
     assert image.shape == (SIZE, SIZE, 3)
@@ -143,3 +144,44 @@ def test_perf_analyzer_sweeps_concurrency_one_to_two(server, tmp_path):
     rows = [line.split(",") for line in csv.read_text().splitlines()]
     concurrency = [row[0] for row in rows[1:]]
     assert concurrency == ["1", "2"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited already
+        return stat.read().split(") ")[-1][0] != "Z"
+
+
+def test_stopping_the_server_leaves_no_worker(tiny_sdxl, tmp_path):
+    import time
+
+    from python_backend.server import group_members
+
+    settings = ServingSettings(model_dir=str(tiny_sdxl), ranks=RANKS, split_cfg=False, sizes=f"{SIZE}x{SIZE}",
+                               default_steps=2, default_height=SIZE, default_width=SIZE)
+    repository = fill_repository(tmp_path / "repository", settings)
+    ports = free_ports(3)
+    triton = TritonServer(repository, *ports, host="127.0.0.1", workdir=tmp_path / "work").start()
+    try:
+        triton.wait_ready(240)
+        http_client.generate(f"127.0.0.1:{ports[0]}", "one request")
+        members = group_members(triton.pgid)
+        workers = [pid for pid in members if "distrifusion" in _cmdline(pid) or "multiprocessing" in _cmdline(pid)]
+        assert len(workers) >= RANKS - 1, members
+    finally:
+        started = time.monotonic()
+        triton.stop(timeout=10)
+        elapsed = time.monotonic() - started
+    assert [pid for pid in members if _alive(pid)] == []
+    assert elapsed < 15
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -28,8 +28,9 @@ def respond(outputs: dict[str, np.ndarray]):
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 
-def error(message: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def error(message: str, bad_input: bool = False):
+    code = pb_utils.TritonError.INVALID_ARG if bad_input else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 def answer_each(requests, handle):
@@ -39,7 +40,7 @@ def answer_each(requests, handle):
         try:
             responses.append(respond(handle(request)))
         except InputError as bad:
-            responses.append(error(str(bad)))
+            responses.append(error(str(bad), bad_input=True))
         except Exception as failure:  # the model stays up; the client learns what went wrong
             pb_utils.Logger.log_error(f"request failed: {failure!r}")
             responses.append(error(f"internal error: {failure}"))
