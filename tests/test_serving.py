@@ -136,9 +136,16 @@ def test_metrics_include_triton_and_denoiser_figures(server):
 
 
 def test_perf_analyzer_sweeps_concurrency_one_to_two(server, tmp_path):
+    import json
+
     csv = tmp_path / "perf.csv"
+    data = json.loads(open("clients/perf_inputs.json").read())
+    for entry in data["data"]:  # the server was built for SIZE only
+        entry.update(height=[SIZE], width=[SIZE], steps=[2])
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps(data))
     command = [sys.executable, "-m", "python_backend.cli", "perf", "--url", _urls(server)[0],
-               "--concurrency", "1:2", "--csv", str(csv)]
+               "--concurrency", "1:2", "--csv", str(csv), "--input-data", str(inputs)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line.split(",") for line in csv.read_text().splitlines()]
