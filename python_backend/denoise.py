@@ -157,6 +157,8 @@ class EngineSet:
         from pathlib import Path
 
         self.folder, self.backend = Path(folder), backend
+        if not (self.folder / "build.json").is_file():
+            raise FileNotFoundError(f"no complete {backend} build at {self.folder}; run `distrifusion build` first")
         self.loaded = {}
 
     def for_generation(self, plan, layout: PatchLayout, request: GenerationRequest):

@@ -192,3 +192,18 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_concurrent_clients_get_exactly_their_solo_images(server):
+    """8 clients at once, different prompts and seeds: no stale buffer leaks between requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    http_url, grpc_url = _urls(server)
+    jobs = [(f"prompt number {i}", 100 + i, http_url if i % 2 else grpc_url, http_client if i % 2 else grpc_client)
+            for i in range(8)]
+    solo = [client.generate(url, prompt, seed=seed, steps=2) for prompt, seed, url, client in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda job: job[3].generate(job[2], job[0], seed=job[1], steps=2), jobs))
+    for i, (alone, crowded) in enumerate(zip(solo, together)):
+        np.testing.assert_array_equal(crowded, alone, err_msg=f"client {i}")
+    assert len({image.tobytes() for image in solo}) == 8

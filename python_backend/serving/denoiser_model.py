@@ -21,7 +21,6 @@ from ..rank_service import RankService, RankServiceConfig
 from . import triton_io, validation
 from .settings import ServingSettings
 
-SCALARS = ("steps", "guidance_scale", "scheduler", "seed", "height", "width")
 
 
 class TritonPythonModel:
@@ -69,7 +68,7 @@ class TritonPythonModel:
         return triton_io.answer_each(requests, self._denoise)
 
     def _denoise(self, request) -> dict[str, np.ndarray]:
-        values = {name: triton_io.optional_value(request, name) for name in SCALARS}
+        values = {name: triton_io.optional_value(request, name) for name in validation.OPTIONS}
         generation = validation.generation(values, self.settings)
         device = self.service.ranks.device
         embeds = torch.from_numpy(triton_io.tensor(request, "prompt_embeds")).to(device)

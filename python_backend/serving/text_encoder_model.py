@@ -32,9 +32,10 @@ class TritonPythonModel:
         prompt = validation.text("prompt", triton_io.optional_value(request, "prompt"), s, required=True)
         negative = validation.text("negative_prompt", triton_io.optional_value(request, "negative_prompt"), s,
                                    required=False)
-        guidance = validation.guidance(triton_io.optional_value(request, "guidance_scale"), s)
-        height, width = validation.size(triton_io.optional_value(request, "height"),
-                                        triton_io.optional_value(request, "width"), s)
+        # Every option is checked here, before any work, though only some are used here.
+        values = {name: triton_io.optional_value(request, name) for name in validation.OPTIONS}
+        checked = validation.generation(values, s, prompt)
+        guidance, height, width = checked.guidance, checked.height, checked.width
         with torch.no_grad():
             cond = encode_prompt(self.pipe, prompt, negative, 1, guidance > 1, height, width)
         batch = cond.prompt_embeds.shape[0]

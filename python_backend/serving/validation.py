@@ -8,6 +8,9 @@ from ..denoise import GenerationRequest
 from .settings import ServingSettings
 
 
+OPTIONS = ("steps", "guidance_scale", "scheduler", "seed", "height", "width")
+
+
 class InputError(ValueError):
     """A bad request input; the message is returned to the client as is."""
 
