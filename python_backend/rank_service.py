@@ -34,6 +34,11 @@ class RankServiceConfig:
     dtype: str = "auto"
     threads: int | None = None  # CPU threads per rank (default: cores / ranks)
     python: str | None = None  # interpreter for worker processes (default: this one)
+    rank_timeout_s: float = 60.0  # longest any collective may wait for another rank (a dead or hung rank)
+
+
+class RankGroupFailed(RuntimeError):
+    """A rank died or hung during a request; the group was restarted and the request may be retried."""
 
 
 def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
@@ -48,7 +53,7 @@ def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
 
 def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
-    ranks = RankGroup.join(rank, config.world_size, "127.0.0.1", port, config.device_kind)
+    ranks = RankGroup.join(rank, config.world_size, "127.0.0.1", port, config.device_kind, config.rank_timeout_s)
     denoiser = _load(config, ranks)
     try:
         while True:
@@ -66,30 +71,76 @@ class RankService:
     def __init__(self, config: RankServiceConfig):
         self.config = config
         self.workers: list[multiprocessing.Process] = []
+        self.denoiser = None
+        self.restarts = 0
+        self._start_group()
+        log.info("rank group of %d ready to serve", config.world_size)
+
+    def _start_group(self) -> None:
+        config = self.config
         if config.world_size == 1:
-            device = "cuda" if config.device_kind == "cuda" else "cpu"
-            self.ranks = RankGroup.single(device)
+            self.ranks = RankGroup.single("cuda" if config.device_kind == "cuda" else "cpu")
         else:
             context = multiprocessing.get_context("spawn")
             if config.python:
                 context.set_executable(config.python)
             port = free_port()
             log.info("starting %d rank worker process(es) for a group of %d", config.world_size - 1, config.world_size)
+            self.workers = []
             for rank in range(1, config.world_size):
                 worker = context.Process(target=_worker_main, args=(rank, port, config), daemon=True,
                                          name=f"distrifusion-rank-{rank}")
                 worker.start()
                 self.workers.append(worker)
-            self.ranks = RankGroup.join(0, config.world_size, "127.0.0.1", port, config.device_kind)
-        self.denoiser = _load(config, self.ranks)
-        log.info("rank group of %d ready to serve", config.world_size)
+            self.ranks = RankGroup.join(0, config.world_size, "127.0.0.1", port, config.device_kind,
+                                        config.rank_timeout_s)
+        if self.denoiser is None:
+            self.denoiser = _load(config, self.ranks)
+        else:  # a restart: rank 0 keeps its loaded model and joins the new group
+            self.denoiser.ranks = self.ranks
 
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
                  parallel: ParallelConfig | None = None, on_step=None) -> GenerationResult:
+        """Runs one request on every rank. A rank that died (before or during it) or hangs longer than
+        ``rank_timeout_s`` fails this request with ``RankGroupFailed`` after the group is restarted."""
         parallel = parallel or self.config.parallel
-        if self.workers:
-            dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
-        return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond)
+        dead = self._dead_workers()
+        if dead:
+            self._restart(f"rank worker(s) {dead} had exited")
+        try:
+            if self.workers:
+                dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
+            return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond)
+        except Exception as error:
+            if not self.workers:
+                raise
+            dead = self._dead_workers()
+            reason = f"rank worker(s) {dead} died" if dead else f"a rank stopped answering ({error})"
+            self._restart(reason)
+            raise RankGroupFailed(f"the request failed because {reason}; the rank group was restarted, "
+                                  "retry the request") from error
+
+    def _dead_workers(self) -> list[int]:
+        return [rank for rank, w in enumerate(self.workers, start=1) if not w.is_alive()]
+
+    def _restart(self, reason: str) -> None:
+        log.error("restarting the rank group: %s", reason)
+        self._stop_workers(kill=True)
+        self.ranks.close()
+        self.restarts += 1
+        self._start_group()
+        log.info("rank group of %d restarted (%d restart(s) so far)", self.config.world_size, self.restarts)
+
+    def _stop_workers(self, kill: bool, timeout: float = 10.0) -> None:
+        for worker in self.workers:
+            if kill:
+                worker.kill()
+            worker.join(timeout)
+            if worker.is_alive():
+                log.warning("rank worker %s did not stop in %.0f s; killing it", worker.pid, timeout)
+                worker.kill()
+                worker.join(1)
+        self.workers = []
 
     @property
     def worker_pids(self) -> list[int]:
@@ -97,16 +148,10 @@ class RankService:
 
     def close(self, timeout: float = 10.0) -> None:
         """Tells every worker to leave and makes sure each is gone within ``timeout`` seconds."""
-        if self.workers:
+        if self.workers and not self._dead_workers():
             try:
                 dist.broadcast_object_list([None], src=0, group=self.ranks.control)
             except Exception as error:  # a dead worker must not keep the others alive
                 log.warning("could not tell the workers to stop: %s", error)
-            for worker in self.workers:
-                worker.join(timeout)
-                if worker.is_alive():
-                    log.warning("rank worker %s did not stop in %.0f s; killing it", worker.pid, timeout)
-                    worker.kill()
-                    worker.join(1)
-            self.workers = []
+        self._stop_workers(kill=bool(self._dead_workers()), timeout=timeout)
         self.ranks.close()

@@ -43,20 +43,27 @@ class RankGroup:
         return cls(device=torch.device(device))
 
     @classmethod
-    def join(cls, rank: int, world_size: int, address: str, port: int, device_kind: str = "cpu") -> "RankGroup":
-        """Joins (collectively) the process group; every rank calls this with the same arguments."""
+    def join(cls, rank: int, world_size: int, address: str, port: int, device_kind: str = "cpu",
+             timeout_s: float | None = None) -> "RankGroup":
+        """Joins (collectively) the process group; every rank calls this with the same arguments.
+
+        ``timeout_s`` bounds every collective of the data groups: a rank that died or hangs makes the
+        others fail after at most that long instead of waiting forever.
+        """
+        timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
         if device_kind == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
             device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size
+            backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size, timeout=timeout
         )
         halves = None
         if world_size >= 2 and world_size % 2 == 0:
             half = world_size // 2
-            halves = (dist.new_group(list(range(half))), dist.new_group(list(range(half, world_size))))
+            halves = (dist.new_group(list(range(half)), timeout=timeout),
+                      dist.new_group(list(range(half, world_size)), timeout=timeout))
         # Idle workers wait on this group between requests, possibly for days.
         control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
         if rank == 0:

@@ -34,3 +34,39 @@ def test_rank_service_serves_requests_one_after_another(tiny_sdxl):
         except ProcessLookupError:
             alive = False
         assert not alive, f"worker {pid} still running after close()"
+
+
+import os
+import signal
+import time
+
+import pytest
+
+from python_backend.rank_service import RankGroupFailed
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_failed_rank_fails_only_its_request_and_the_group_recovers(tiny_sdxl, fault):
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 1, split_cfg=False)
+    request = GenerationRequest("a lighthouse", height=128, width=128, steps=6, seed=1)
+    service = RankService(RankServiceConfig(str(tiny_sdxl), world_size=2, parallel=parallel, rank_timeout_s=5))
+    try:
+        solo = service.generate(request).latents.numpy()
+        victim = service.worker_pids[0]
+
+        def strike(step, synchronous):
+            if step == 2:
+                os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+
+        started = time.monotonic()
+        with pytest.raises(RankGroupFailed, match="restarted, retry"):
+            service.generate(request, on_step=strike)
+        noticed = time.monotonic() - started
+        assert noticed < 5 + 20, f"took {noticed:.1f} s to notice and restart"
+        assert service.restarts == 1 and victim not in service.worker_pids
+        after = service.generate(request).latents.numpy()
+        np.testing.assert_array_equal(after, solo)
+    finally:
+        service.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(victim, 0)

@@ -34,6 +34,7 @@ class TritonPythonModel:
             parallel=ParallelConfig(Mode(s.mode), s.warmup_steps, s.split_cfg),
             device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None,
             python=os.environ.get("DISTRIFUSION_PYTHON") or _python_beside(sys.executable),
+            rank_timeout_s=s.rank_timeout_s,
         )
         self.service = RankService(config)
         self.sdxl = hasattr(self.service.denoiser.pipe, "text_encoder_2")
