@@ -82,12 +82,13 @@ class PatchParallelDenoiser:
     @torch.no_grad()
     def generate(
         self, request: GenerationRequest, parallel: ParallelConfig | None = None, on_step=None,
-        cond: Conditioning | None = None,
+        cond: Conditioning | None = None, should_stop=None,
     ) -> GenerationResult:
         """Final latents of ``request``; every rank calls this with the same arguments.
 
         ``cond`` is the full guided conditioning when the prompt was encoded elsewhere (a text
-        encoder model); without it the prompt is encoded here.
+        encoder model); without it the prompt is encoded here. ``should_stop`` (read on rank 0 at
+        every step boundary) cancels the generation on every rank: ``GenerationCancelled``.
         """
         pipe, device = self.pipe, self.ranks.device
         parallel = parallel or self.parallel
@@ -143,11 +144,30 @@ class PatchParallelDenoiser:
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if on_step is not None:
                 on_step(i, self.context.synchronous)
+            if i + 1 < len(scheduler.timesteps) and self._stop_everywhere(should_stop):
+                self.context.end_generation()
+                raise GenerationCancelled(f"stopped after step {i + 1} of {len(scheduler.timesteps)}")
         self.context.end_generation()
         result.latents = latents
         result.events = list(self.context.exchange.events)
         result.wait_seconds = self.context.exchange.wait_seconds
         return result
+
+
+    def _stop_everywhere(self, should_stop) -> bool:
+        """Rank 0's answer to ``should_stop``, agreed by every rank at the same step boundary."""
+        stop = bool(should_stop()) if should_stop is not None and self.ranks.rank == 0 else False
+        if self.ranks.world_size == 1 or self.ranks.control is None:
+            return stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if stop else 0])
+        dist.broadcast(flag, src=0, group=self.ranks.control)
+        return bool(flag.item())
+
+
+class GenerationCancelled(RuntimeError):
+    """A generation stopped at a step boundary (cancelled by the client or past its deadline)."""
 
 
 class EngineSet:

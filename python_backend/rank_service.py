@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .denoise import EngineSet, GenerationRequest, GenerationResult, ParallelConfig, PatchParallelDenoiser
+from .denoise import (
+    EngineSet,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    ParallelConfig,
+    PatchParallelDenoiser,
+)
 from .model import Conditioning, load_pipeline
 from .ranks import RankGroup, free_port
 
@@ -62,7 +69,10 @@ def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
             if message[0] is None:
                 break
             request, parallel, cond = message[0]
-            denoiser.generate(request, parallel, cond=cond)
+            try:
+                denoiser.generate(request, parallel, cond=cond)
+            except GenerationCancelled:
+                pass  # rank 0 stopped it; every rank left at the same step boundary
     finally:
         ranks.close()
 
@@ -100,7 +110,7 @@ class RankService:
             self.denoiser.ranks = self.ranks
 
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
-                 parallel: ParallelConfig | None = None, on_step=None) -> GenerationResult:
+                 parallel: ParallelConfig | None = None, on_step=None, should_stop=None) -> GenerationResult:
         """Runs one request on every rank. A rank that died (before or during it) or hangs longer than
         ``rank_timeout_s`` fails this request with ``RankGroupFailed`` after the group is restarted."""
         parallel = parallel or self.config.parallel
@@ -110,7 +120,9 @@ class RankService:
         try:
             if self.workers:
                 dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
-            return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond)
+            return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop)
+        except GenerationCancelled:
+            raise  # the group is intact: every rank stopped at the same step
         except Exception as error:
             if not self.workers:
                 raise

@@ -70,3 +70,23 @@ def test_a_failed_rank_fails_only_its_request_and_the_group_recovers(tiny_sdxl, 
         service.close()
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)
+
+
+def test_a_cancelled_request_stops_every_rank_at_a_step_boundary(tiny_sdxl):
+    from python_backend.denoise import GenerationCancelled
+
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 2, split_cfg=False)
+    request = GenerationRequest("a harbour", height=128, width=128, steps=8, seed=3)
+    other = GenerationRequest("a meadow", height=128, width=128, steps=5, seed=4)
+    service = RankService(RankServiceConfig(str(tiny_sdxl), world_size=2, parallel=parallel))
+    try:
+        solo = service.generate(other).latents.numpy()
+        steps_run = []
+        with pytest.raises(GenerationCancelled, match="stopped after step 3 of 8"):
+            service.generate(request, on_step=lambda i, s: steps_run.append(i),
+                             should_stop=lambda: len(steps_run) >= 3)
+        assert steps_run == [0, 1, 2]
+        assert service.restarts == 0  # cancelling is not a failure: the group stays
+        np.testing.assert_array_equal(service.generate(other).latents.numpy(), solo)
+    finally:
+        service.close()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ..denoise import ParallelConfig
+from ..denoise import GenerationCancelled, ParallelConfig
 from ..model import Conditioning
 from ..modes import Mode
 from ..rank_service import RankService, RankServiceConfig
@@ -80,7 +80,18 @@ class TritonPythonModel:
         if guided != generation.guided:
             raise validation.InputError("the text encoder and the denoiser disagree on guidance; check 'guidance_scale'")
         started = time.perf_counter()
-        result = self.service.generate(generation, Conditioning(embeds, added))
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        cancelled = getattr(request, "is_cancelled", lambda: False)
+
+        def should_stop() -> bool:
+            return cancelled() or time.monotonic() > deadline
+
+        try:
+            result = self.service.generate(generation, Conditioning(embeds, added), should_stop=should_stop)
+        except GenerationCancelled as stopped:
+            why = "cancelled by the client" if cancelled() else f"past its {self.settings.request_timeout_s:g} s timeout"
+            pb_utils.Logger.log_warn(f"denoising request {why}: {stopped}")
+            raise triton_io.Stopped(f"request {why}: {stopped}") from None
         steps = len(result.unet_seconds)
         self.steps_total.increment(steps)
         self.step_seconds_total.increment(sum(result.unet_seconds))

@@ -33,6 +33,7 @@ class ServingSettings:
     min_guidance: float = 0.0
     max_guidance: float = 30.0
     max_prompt_chars: int = 2000
+    request_timeout_s: float = 600.0  # a request still denoising after this long stops at the next step
     rank_timeout_s: float = 60.0  # a rank silent this long (dead or hung) fails the request; the group restarts
 
     @classmethod

@@ -28,8 +28,12 @@ def respond(outputs: dict[str, np.ndarray]):
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 
-def error(message: str, bad_input: bool = False):
-    code = pb_utils.TritonError.INVALID_ARG if bad_input else pb_utils.TritonError.INTERNAL
+class Stopped(Exception):
+    """The request was stopped (cancelled or timed out) at a step boundary."""
+
+
+def error(message: str, code=None):
+    code = pb_utils.TritonError.INTERNAL if code is None else code
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
@@ -40,7 +44,9 @@ def answer_each(requests, handle):
         try:
             responses.append(respond(handle(request)))
         except InputError as bad:
-            responses.append(error(str(bad), bad_input=True))
+            responses.append(error(str(bad), pb_utils.TritonError.INVALID_ARG))
+        except Stopped as stopped:
+            responses.append(error(str(stopped), getattr(pb_utils.TritonError, "CANCELLED", None)))
         except Exception as failure:  # the model stays up; the client learns what went wrong
             pb_utils.Logger.log_error(f"request failed: {failure!r}")
             responses.append(error(f"internal error: {failure}"))
