@@ -106,6 +106,7 @@ PROMPT = ("prompt", np.array([b"a cat"], dtype=object), "BYTES")
     ([PROMPT, ("guidance_scale", np.array([np.nan], dtype=np.float32), "FP32")], "input 'guidance_scale'"),
     ([PROMPT, ("scheduler", np.array([b"lms"], dtype=object), "BYTES")], "input 'scheduler' is 'lms'; allowed: ddim, euler, euler-a, dpmpp-2m"),
     ([PROMPT, ("steps", np.array([4.0], dtype=np.float32), "FP32")], "steps"),
+    ([("prompt", np.array([b"x" * 2001], dtype=object), "BYTES")], "input 'prompt' is 2001 characters long; allowed: at most 2000"),
     ([("prompt", np.array([b"a", b"b"], dtype=object), "BYTES")], "prompt"),
 ])
 def test_bad_input_is_named_and_the_server_keeps_serving(server, inputs, message):
@@ -183,7 +184,7 @@ def test_stopping_the_server_leaves_no_worker(tiny_sdxl, tmp_path):
         triton.stop(timeout=10)
         elapsed = time.monotonic() - started
     assert [pid for pid in members if _alive(pid)] == []
-    assert elapsed < 15
+    assert elapsed < 10, f"SIGTERM took {elapsed:.1f} s to end the server and every worker"
 
 
 def _cmdline(pid: int) -> str:
