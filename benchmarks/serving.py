@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/serving_figures.md"))
     args = parser.parse_args()
 
-    from clients import http_client
+    from python_backend.client_cli import import_clients
+
+    http_client, _ = import_clients()
     from python_backend.client_cli import read_perf_csv
     from python_backend.repository import fill_repository
     from python_backend.server import TritonServer, free_ports
