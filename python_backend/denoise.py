@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -174,8 +175,6 @@ class EngineSet:
     """The segment engines of one build, loaded per slab index on first use."""
 
     def __init__(self, folder, backend: str):
-        from pathlib import Path
-
         self.folder, self.backend = Path(folder), backend
         if not (self.folder / "build.json").is_file():
             raise FileNotFoundError(f"no complete {backend} build at {self.folder}; run `distrifusion build` first")

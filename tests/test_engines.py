@@ -86,7 +86,7 @@ def test_changing_any_key_field_rebuilds(tiny_sdxl, engine_root, tmp_path):
     changes = {"height": 256, "width": 256, "ranks": 4, "mode": "stale_gn", "precision": "fp16",
                "split_cfg": True, "num_images": 2, "cut": "down0+down1,down2,mid,up0,up1+up2"}
     for field, value in changes.items():
-        assert cache_key(dataclasses.replace(base, **field_value(field, value)))[0] != key, field
+        assert cache_key(dataclasses.replace(base, **{field: value}))[0] != key, field
     # New weights, same everything else: copy the model and change one byte of the UNet.
     copy = tmp_path / "model"
     shutil.copytree(tiny_sdxl, copy)
@@ -99,10 +99,6 @@ def test_changing_any_key_field_rebuilds(tiny_sdxl, engine_root, tmp_path):
     rebuilt = build(dataclasses.replace(base, cut="down0+down1,down2,mid,up0,up1+up2"), engine_root, progress=False)
     assert rebuilt != build(base, engine_root, progress=False)
     assert len(list(rebuilt.glob("patch0/*.onnx"))) == 1 + 5
-
-
-def field_value(field, value):
-    return {field: value}
 
 
 def test_engines_refuse_a_generation_they_were_not_built_for(tiny_sdxl, engine_root):
