@@ -27,6 +27,8 @@ from python_backend.model import load_pipeline
 from python_backend.modes import Mode
 from python_backend.ranks import run_on_ranks
 
+from common import model_or_tiny  # also puts the repository root on sys.path
+
 WARMUP = 4
 
 
@@ -66,11 +68,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/engines.md"))
     args = parser.parse_args()
 
-    model = args.model
-    if model is None:
-        from python_backend.tiny_model import write_tiny_sdxl
-
-        model = write_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl", seed=0)
+    model = model_or_tiny(args.model)
     cache = Path(tempfile.mkdtemp()) / "engines"
     build_request = BuildRequest(str(model), args.height, args.width, 2, split_cfg=False)
     started = time.perf_counter()

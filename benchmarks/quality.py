@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from python_backend.denoise import GenerationRequest, ParallelConfig
 from python_backend.generate import GenerationJob, run_generation_job
 from python_backend.modes import Mode
 from python_backend.ranks import run_on_ranks
+
+from common import model_or_tiny  # also puts the repository root on sys.path
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -42,11 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    model = args.model
-    if model is None:
-        from python_backend.tiny_model import write_tiny_sdxl
-
-        model = write_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl", seed=0)
+    model = model_or_tiny(args.model)
     request = GenerationRequest(args.prompt, height=args.height, width=args.width, steps=args.steps,
                                 guidance=5.0, scheduler="euler", seed=0)
 

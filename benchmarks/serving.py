@@ -24,6 +24,8 @@ from python_backend.denoise import GenerationRequest, ParallelConfig, PatchParal
 from python_backend.model import decode_latents, load_pipeline
 from python_backend.ranks import run_on_ranks
 
+from common import model_or_tiny  # also puts the repository root on sys.path
+
 
 def _in_process_job(ranks, model, request, repeats):
     import torch
@@ -51,20 +53,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/serving_figures.md"))
     args = parser.parse_args()
 
-    from python_backend.client_cli import import_clients
-
-    http_client, _ = import_clients()
+    from clients import http_client
     from python_backend.client_cli import read_perf_csv
     from python_backend.repository import fill_repository
     from python_backend.server import TritonServer, free_ports
     from python_backend.serving.settings import ServingSettings
 
     work = Path(tempfile.mkdtemp())
-    model = args.model
-    if model is None:
-        from python_backend.tiny_model import write_tiny_sdxl
-
-        model = write_tiny_sdxl(work / "tiny-sdxl", seed=0)
+    model = model_or_tiny(args.model)
     prompt = "a photo of an astronaut riding a horse"
     request = GenerationRequest(prompt, height=args.size, width=args.size, steps=args.steps, seed=0)
     local = run_on_ranks(args.ranks, _in_process_job, (str(model), request, args.repeats))

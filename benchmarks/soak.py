@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import model_or_tiny  # also puts the repository root on sys.path
+
 
 def snapshot(pgid: int) -> dict:
     from python_backend.server import group_members
@@ -45,19 +47,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/soak.md"))
     args = parser.parse_args()
 
-    from python_backend.client_cli import import_clients
-
-    http_client, _ = import_clients()
+    from clients import http_client
     from python_backend.repository import fill_repository
     from python_backend.server import TritonServer, free_ports
     from python_backend.serving.settings import ServingSettings
 
     work = Path(tempfile.mkdtemp())
-    model = args.model
-    if model is None:
-        from python_backend.tiny_model import write_tiny_sdxl
-
-        model = write_tiny_sdxl(work / "tiny-sdxl", seed=0)
+    model = model_or_tiny(args.model)
     settings = ServingSettings(model_dir=str(Path(model).resolve()), ranks=args.ranks, split_cfg=False,
                                sizes=f"{args.size}x{args.size}", default_steps=args.steps,
                                default_height=args.size, default_width=args.size)

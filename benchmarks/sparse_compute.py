@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from python_backend.layout import PatchLayout
 from python_backend.model import encode_prompt, load_pipeline
 from python_backend.modes import Mode
 from python_backend.patch_layers import patch_unet
+
+from common import model_or_tiny  # also puts the repository root on sys.path
 
 
 class LoopbackExchange(BufferExchange):
@@ -63,11 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    model = args.model
-    if model is None:
-        from python_backend.tiny_model import write_tiny_sdxl
-
-        model = write_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl", seed=0)
+    model = model_or_tiny(args.model)
     pipe = load_pipeline(model, torch.device("cpu"))
     cond = encode_prompt(pipe, "a photo of an astronaut", None, 1, True, args.height, args.width)
     latent = torch.randn(2, pipe.unet.config.in_channels, args.height // 8, args.width // 8)

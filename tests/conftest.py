@@ -24,3 +24,18 @@ def tiny_sd15(tmp_path_factory):
 def relative_l2(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def rank_workers(server) -> list[int]:
+    """Pids of the rank worker processes (multiprocessing spawn children) in a server's process group."""
+    from python_backend.server import group_members
+
+    workers = []
+    for pid in group_members(server.pgid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"multiprocessing.spawn" in f.read():
+                    workers.append(pid)
+        except OSError:
+            pass
+    return workers

@@ -11,9 +11,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients import grpc_client, http_client
+from conftest import rank_workers
 from clients.request import request_tensors
 from python_backend.repository import fill_repository
-from python_backend.server import TritonServer, free_ports, group_members
+from python_backend.server import TritonServer, free_ports
 from python_backend.serving.settings import ServingSettings
 
 SIZE, TIMEOUT = 128, 4.0
@@ -78,21 +79,9 @@ def test_a_cancelled_request_stops_at_the_next_step(server):
     assert time.monotonic() - started < TIMEOUT
 
 
-def _rank_workers(server) -> list[int]:
-    workers = []
-    for pid in group_members(server.pgid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"multiprocessing.spawn" in f.read():
-                    workers.append(pid)
-        except OSError:
-            pass
-    return workers
-
-
 def test_a_killed_rank_fails_its_request_and_the_next_one_is_exact(server):
     before = _solo(server)
-    victims = _rank_workers(server)
+    victims = rank_workers(server)
     assert victims, "the denoiser's rank worker is running"
     killer = threading.Timer(1.5, lambda: [os.kill(pid, signal.SIGKILL) for pid in victims])
     killer.start()
@@ -102,4 +91,4 @@ def test_a_killed_rank_fails_its_request_and_the_next_one_is_exact(server):
     killer.join()
     assert time.monotonic() - started < 30
     np.testing.assert_array_equal(_solo(server), before)
-    assert not set(victims) & set(_rank_workers(server))
+    assert not set(victims) & set(rank_workers(server))

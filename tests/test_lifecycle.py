@@ -7,8 +7,9 @@ import urllib.request
 import numpy as np
 
 from clients import http_client
+from conftest import rank_workers
 from python_backend.repository import fill_repository
-from python_backend.server import TritonServer, free_ports, group_members
+from python_backend.server import TritonServer, free_ports
 from python_backend.serving.settings import ServingSettings
 
 SIZE = 128
@@ -47,24 +48,12 @@ def test_unload_ends_the_workers_and_reload_serves_again(tiny_sdxl, tmp_path):
                       extra_args=["--model-control-mode=explicit", "--load-model=*"]) as server:
         url = server.urls["http"]
         first = http_client.generate(url, "a lantern", seed=3)
-        workers = _workers(server)
+        workers = rank_workers(server)
         assert workers
         assert _post(f"http://{url}/v2/repository/models/denoiser/unload")[0] == 200
         deadline = time.monotonic() + 10
-        while set(workers) & set(_workers(server)) and time.monotonic() < deadline:
+        while set(workers) & set(rank_workers(server)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not set(workers) & set(_workers(server)), "unloading the denoiser ended its rank workers"
+        assert not set(workers) & set(rank_workers(server)), "unloading the denoiser ended its rank workers"
         assert _post(f"http://{url}/v2/repository/models/denoiser/load")[0] == 200
         np.testing.assert_array_equal(http_client.generate(url, "a lantern", seed=3), first)
-
-
-def _workers(server) -> list[int]:
-    found = []
-    for pid in group_members(server.pgid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"multiprocessing.spawn" in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found

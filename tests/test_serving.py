@@ -12,6 +12,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clients import grpc_client, http_client
+from conftest import rank_workers
 from python_backend.denoise import GenerationRequest, ParallelConfig
 from python_backend.generate import GenerationJob, run_generation_job
 from python_backend.modes import Mode
@@ -177,24 +178,13 @@ def test_stopping_the_server_leaves_no_worker(tiny_sdxl, tmp_path):
         triton.wait_ready(240)
         http_client.generate(f"127.0.0.1:{ports[0]}", "one request")
         members = group_members(triton.pgid)
-        workers = [pid for pid in members if "distrifusion" in _cmdline(pid) or "multiprocessing" in _cmdline(pid)]
-        assert len(workers) >= RANKS - 1, members
+        assert len(rank_workers(triton)) == RANKS - 1, members
     finally:
         started = time.monotonic()
         triton.stop(timeout=10)
         elapsed = time.monotonic() - started
     assert [pid for pid in members if _alive(pid)] == []
     assert elapsed < 10, f"SIGTERM took {elapsed:.1f} s to end the server and every worker"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def test_concurrent_clients_get_exactly_their_solo_images(server):
     """8 clients at once, different prompts and seeds: no stale buffer leaks between requests."""
     from concurrent.futures import ThreadPoolExecutor

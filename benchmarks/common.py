@@ -1,0 +1,18 @@
+"""What the benchmark scripts share."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `clients`
+
+
+def model_or_tiny(model: Path | None) -> Path:
+    """``model``, or the embedded default model written to a fresh temporary folder."""
+    if model is not None:
+        return Path(model)
+    from python_backend.tiny_model import write_tiny_sdxl
+
+    return write_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl", seed=0)
