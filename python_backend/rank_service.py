@@ -1,7 +1,7 @@
 """A long-lived rank group that serves generations one at a time (what the Triton denoiser runs).
 
 Rank 0 lives in the calling process (the Triton model instance); ranks 1..N-1 are worker processes
-it starts, one per device. Each request is broadcast to every rank over a gloo control group, all
+it starts, one per device. Each request is broadcast to every rank over gloo control groups, all
 ranks generate together, and rank 0 returns the result. ``close`` tells the workers to leave and
 makes sure they are gone. Nothing here knows about Triton.
 """
@@ -64,10 +64,10 @@ def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
     denoiser = _load(config, ranks)
     try:
         while True:
+            if not _next_request_signalled(ranks):
+                break
             message = [None]
             dist.broadcast_object_list(message, src=0, group=ranks.control)
-            if message[0] is None:
-                break
             request, parallel, cond = message[0]
             try:
                 denoiser.generate(request, parallel, cond=cond)
@@ -75,6 +75,17 @@ def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
                 pass  # rank 0 stopped it; every rank left at the same step boundary
     finally:
         ranks.close()
+
+
+def _next_request_signalled(ranks: RankGroup) -> bool:
+    """Workers: wait (unbounded) for rank 0's word: 1 = a request follows, 0 = leave."""
+    word = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(word, src=0, group=ranks.idle)
+    return bool(word.item())
+
+
+def _signal(ranks: RankGroup, more: bool) -> None:
+    dist.broadcast(torch.tensor([1 if more else 0], dtype=torch.int64), src=0, group=ranks.idle)
 
 
 class RankService:
@@ -119,6 +130,7 @@ class RankService:
             self._restart(f"rank worker(s) {dead} had exited")
         try:
             if self.workers:
+                _signal(self.ranks, more=True)  # tiny: never blocks on a stuck worker
                 dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
             return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop)
         except GenerationCancelled:
@@ -162,7 +174,7 @@ class RankService:
         """Tells every worker to leave and makes sure each is gone within ``timeout`` seconds."""
         if self.workers and not self._dead_workers():
             try:
-                dist.broadcast_object_list([None], src=0, group=self.ranks.control)
+                _signal(self.ranks, more=False)
             except Exception as error:  # a dead worker must not keep the others alive
                 log.warning("could not tell the workers to stop: %s", error)
         self._stop_workers(kill=bool(self._dead_workers()), timeout=timeout)

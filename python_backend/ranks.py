@@ -36,7 +36,8 @@ class RankGroup:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     halves: tuple | None = None  # the two CFG patch groups, when world_size is even and >= 2
-    control: object | None = None  # a gloo group for control messages (requests), also beside NCCL
+    idle: object | None = None  # gloo, unbounded wait: workers wait here for the next request
+    control: object | None = None  # gloo, bounded like the data groups: requests and step decisions
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "RankGroup":
@@ -64,11 +65,13 @@ class RankGroup:
             half = world_size // 2
             halves = (dist.new_group(list(range(half)), timeout=timeout),
                       dist.new_group(list(range(half, world_size)), timeout=timeout))
-        # Idle workers wait on this group between requests, possibly for days.
-        control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        # Idle workers wait on `idle` between requests, possibly for days; everything said during a
+        # request goes over `control`, whose timeout catches a rank that died or hangs.
+        idle = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        control = dist.new_group(backend="gloo", timeout=timeout)
         if rank == 0:
             log.info("rank group of %d ready (%s)", world_size, backend)
-        return cls(rank=rank, world_size=world_size, device=device, halves=halves, control=control)
+        return cls(rank=rank, world_size=world_size, device=device, halves=halves, idle=idle, control=control)
 
     def plan(self, guided: bool, split_cfg: bool) -> PatchPlan:
         if self.world_size == 1:
