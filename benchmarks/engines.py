@@ -36,7 +36,7 @@ class SkippedExchange(BufferExchange):
     """Launches no asynchronous collective: layers keep the last synchronous step's buffers."""
 
     def start(self, key, tensor, shapes):
-        pass
+        """Sends nothing: ``latest`` keeps returning the warm-up's buffers."""
 
 
 def _job(ranks, model, request, engine_dir, variants):

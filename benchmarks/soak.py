@@ -31,7 +31,7 @@ def snapshot(pgid: int) -> dict:
             name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().rsplit("/", 1)[-1]
             processes[pid] = {"rss_mib": rss_kib / 1024, "fds": fds, "name": name}
         except (OSError, StopIteration):
-            pass
+            continue  # the process exited while we looked
     shm = len(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else 0
     return {"processes": processes, "shm": shm}
 

@@ -83,13 +83,14 @@ class PatchParallelDenoiser:
     @torch.no_grad()
     def generate(
         self, request: GenerationRequest, parallel: ParallelConfig | None = None, on_step=None,
-        cond: Conditioning | None = None, should_stop=None,
+        cond: Conditioning | None = None, should_stop=None, stoppable: bool = False,
     ) -> GenerationResult:
         """Final latents of ``request``; every rank calls this with the same arguments.
 
         ``cond`` is the full guided conditioning when the prompt was encoded elsewhere (a text
-        encoder model); without it the prompt is encoded here. ``should_stop`` (read on rank 0 at
-        every step boundary) cancels the generation on every rank: ``GenerationCancelled``.
+        encoder model); without it the prompt is encoded here. With ``stoppable`` (on every rank),
+        ``should_stop`` (read on rank 0 at every step boundary) cancels the generation on every rank:
+        ``GenerationCancelled``; without it no per-step decision is exchanged.
         """
         pipe, device = self.pipe, self.ranks.device
         parallel = parallel or self.parallel
@@ -145,7 +146,7 @@ class PatchParallelDenoiser:
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if on_step is not None:
                 on_step(i, self.context.synchronous)
-            if i + 1 < len(scheduler.timesteps) and self._stop_everywhere(should_stop):
+            if stoppable and i + 1 < len(scheduler.timesteps) and self._stop_everywhere(should_stop):
                 self.context.end_generation()
                 raise GenerationCancelled(f"stopped after step {i + 1} of {len(scheduler.timesteps)}")
         self.context.end_generation()

@@ -20,7 +20,7 @@ SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
 
 
 class ModelFolderError(ValueError):
-    pass
+    """The --model folder is not a diffusers pipeline folder; the message says what is missing."""
 
 
 @dataclass(frozen=True)

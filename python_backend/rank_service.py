@@ -70,7 +70,7 @@ def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
             dist.broadcast_object_list(message, src=0, group=ranks.control)
             request, parallel, cond = message[0]
             try:
-                denoiser.generate(request, parallel, cond=cond)
+                denoiser.generate(request, parallel, cond=cond, stoppable=True)
             except GenerationCancelled:
                 pass  # rank 0 stopped it; every rank left at the same step boundary
     finally:
@@ -132,7 +132,8 @@ class RankService:
             if self.workers:
                 _signal(self.ranks, more=True)  # tiny: never blocks on a stuck worker
                 dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
-            return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop)
+            return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop,
+                                          stoppable=True)
         except GenerationCancelled:
             raise  # the group is intact: every rank stopped at the same step
         except Exception as error:

@@ -162,7 +162,7 @@ class SegmentIO:
         self.fresh[key] = tensor
 
     def flush(self) -> None:
-        pass
+        """Nothing travels inside a segment: its fresh buffers are graph outputs."""
 
     def gather(self, key, tensor, shapes):
         raise RuntimeError(f"{key}: a blocking exchange cannot run inside a segment engine")
@@ -185,7 +185,7 @@ class ShapeRecorder:
         return None
 
     def start(self, key, tensor, shapes):
-        pass
+        """A synchronous pass publishes through ``gather`` only."""
 
     def flush(self):
-        pass
+        """Nothing is queued."""

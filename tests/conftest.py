@@ -37,5 +37,5 @@ def rank_workers(server) -> list[int]:
                 if b"multiprocessing.spawn" in f.read():
                     workers.append(pid)
         except OSError:
-            pass
+            continue  # the process exited while we looked
     return workers

@@ -9,9 +9,6 @@ from . import triton_io
 
 
 class TritonPythonModel:
-    def initialize(self, args):
-        pass
-
     def execute(self, requests):
         def convert(request):
             return {"image": to_uint8(torch.from_numpy(triton_io.tensor(request, "decoded")))[0]}
