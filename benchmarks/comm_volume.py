@@ -36,11 +36,11 @@ from torch import nn
 # Make the package importable when the script is run from a checkout without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from python_backend.context import PatchContext  # noqa: E402
-from python_backend.exchange import BufferExchange  # noqa: E402
-from python_backend.layout import PatchLayout  # noqa: E402
-from python_backend.modes import Mode  # noqa: E402
-from python_backend.patch_layers import PatchConv2d, PatchGroupNorm, PatchSelfAttentionProcessor, patch_unet  # noqa: E402
+from python_backend.core.context import PatchContext  # noqa: E402
+from python_backend.core.exchange import BufferExchange  # noqa: E402
+from python_backend.core.layout import PatchLayout  # noqa: E402
+from python_backend.core.modes import Mode  # noqa: E402
+from python_backend.core.patch_layers import PatchConv2d, PatchGroupNorm, PatchSelfAttentionProcessor, patch_unet  # noqa: E402
 
 # The UNet of stabilityai/stable-diffusion-xl-base-1.0 (its unet/config.json), written out so that
 # nothing is downloaded. Note that diffusers' SDXL config says ``attention_head_dim`` but means the

@@ -13,6 +13,6 @@ def model_or_tiny(model: Path | None) -> Path:
     """``model``, or the embedded default model written to a fresh temporary folder."""
     if model is not None:
         return Path(model)
-    from python_backend.tiny_model import write_tiny_sdxl
+    from python_backend.embedded.tiny_model import write_tiny_sdxl
 
     return write_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl", seed=0)

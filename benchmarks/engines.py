@@ -20,12 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from python_backend.build import BuildRequest, build
-from python_backend.denoise import EngineSet, GenerationRequest, ParallelConfig, PatchParallelDenoiser
-from python_backend.exchange import BufferExchange
-from python_backend.model import load_pipeline
-from python_backend.modes import Mode
-from python_backend.ranks import run_on_ranks
+from python_backend.engines.build import BuildRequest, build
+from python_backend.core.denoise import GenerationRequest, PatchParallelDenoiser
+from python_backend.core.parallel import ParallelConfig
+from python_backend.engines.engine_set import EngineSet
+from python_backend.core.exchange import BufferExchange
+from python_backend.core.model import load_pipeline
+from python_backend.core.modes import Mode
+from python_backend.core.ranks import run_on_ranks
 
 from common import model_or_tiny  # also puts the repository root on sys.path
 

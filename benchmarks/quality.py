@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from python_backend.denoise import GenerationRequest, ParallelConfig
-from python_backend.generate import GenerationJob, run_generation_job
-from python_backend.modes import Mode
-from python_backend.ranks import run_on_ranks
+from python_backend.core.denoise import GenerationRequest
+
+from python_backend.core.parallel import ParallelConfig
+from python_backend.cli.generate_job import GenerationJob, run_generation_job
+from python_backend.core.modes import Mode
+from python_backend.core.ranks import run_on_ranks
 
 from common import model_or_tiny  # also puts the repository root on sys.path
 

@@ -20,9 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from python_backend.denoise import GenerationRequest, ParallelConfig, PatchParallelDenoiser
-from python_backend.model import decode_latents, load_pipeline
-from python_backend.ranks import run_on_ranks
+from python_backend.core.denoise import GenerationRequest, PatchParallelDenoiser
+
+from python_backend.core.parallel import ParallelConfig
+from python_backend.core.model import decode_latents, load_pipeline
+from python_backend.core.ranks import run_on_ranks
 
 from common import model_or_tiny  # also puts the repository root on sys.path
 
@@ -53,10 +55,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/serving_figures.md"))
     args = parser.parse_args()
 
-    from clients import http_client
-    from python_backend.client_cli import read_perf_csv
-    from python_backend.repository import fill_repository
-    from python_backend.server import TritonServer, free_ports
+    from python_backend.client import generate
+    from python_backend.serving.client_commands import read_perf_csv
+    from python_backend.serving.repository import fill_repository
+    from python_backend.serving.server import TritonServer, free_ports
     from python_backend.serving.settings import ServingSettings
 
     work = Path(tempfile.mkdtemp())
@@ -76,7 +78,7 @@ def main() -> None:
         served = []
         for i in range(args.repeats + 1):
             started = time.perf_counter()
-            http_client.generate(url, prompt, seed=0)
+            generate(url, prompt, seed=0)
             if i:
                 served.append(time.perf_counter() - started)
         print(f"through Triton: median {statistics.median(served):.3f} s", flush=True)

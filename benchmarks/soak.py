@@ -20,7 +20,7 @@ from common import model_or_tiny  # also puts the repository root on sys.path
 
 
 def snapshot(pgid: int) -> dict:
-    from python_backend.server import group_members
+    from python_backend.serving.server import group_members
 
     processes = {}
     for pid in group_members(pgid):
@@ -47,9 +47,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/soak.md"))
     args = parser.parse_args()
 
-    from clients import http_client
-    from python_backend.repository import fill_repository
-    from python_backend.server import TritonServer, free_ports
+    from python_backend.client import generate
+    from python_backend.serving.repository import fill_repository
+    from python_backend.serving.server import TritonServer, free_ports
     from python_backend.serving.settings import ServingSettings
 
     work = Path(tempfile.mkdtemp())
@@ -63,14 +63,14 @@ def main() -> None:
     with TritonServer(repository, *free_ports(3), host="127.0.0.1", workdir=work / "server") as server:
         url = server.urls["http"]
         for i in range(args.requests):
-            http_client.generate(url, f"soak request {i}", seed=i)
+            generate(url, f"soak request {i}", seed=i)
             if i + 1 == args.baseline_after:
                 baseline = snapshot(server.pgid)
             if (i + 1) % 50 == 0:
                 print(f"{i + 1} requests in {time.perf_counter() - started:.0f} s", flush=True)
         final = snapshot(server.pgid)
         pgid = server.pgid
-    from python_backend.server import group_members
+    from python_backend.serving.server import group_members
 
     left = group_members(pgid)
     shm_after = len(os.listdir("/dev/shm"))

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from python_backend.context import PatchContext
-from python_backend.exchange import BufferExchange, _Gather
-from python_backend.layout import PatchLayout
-from python_backend.model import encode_prompt, load_pipeline
-from python_backend.modes import Mode
-from python_backend.patch_layers import patch_unet
+from python_backend.core.context import PatchContext
+from python_backend.core.exchange import BufferExchange, _Gather
+from python_backend.core.layout import PatchLayout
+from python_backend.core.model import encode_prompt, load_pipeline
+from python_backend.core.modes import Mode
+from python_backend.core.patch_layers import patch_unet
 
 from common import model_or_tiny  # also puts the repository root on sys.path
 

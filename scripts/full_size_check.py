@@ -47,9 +47,9 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel
 
-    from python_backend.export import ExportSpec, SegmentExporter
-    from python_backend.modes import Mode
-    from python_backend.runners import OnnxRuntimeRunner
+    from python_backend.engines.export import ExportSpec, SegmentExporter
+    from python_backend.core.modes import Mode
+    from python_backend.engines.runners import OnnxRuntimeRunner
 
     report = {"size": args.size, "batch": args.batch, "index": args.index, "phases": {}}
     started = time.perf_counter()

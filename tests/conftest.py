@@ -9,14 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    from python_backend.tiny_model import write_tiny_sdxl
+    from python_backend.embedded.tiny_model import write_tiny_sdxl
 
     return write_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
-    from python_backend.tiny_model import write_tiny_sd15
+    from python_backend.embedded.tiny_model import write_tiny_sd15
 
     return write_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15", seed=0)
 
@@ -28,7 +28,7 @@ def relative_l2(a, b) -> float:
 
 def rank_workers(server) -> list[int]:
     """Pids of the rank worker processes (multiprocessing spawn children) in a server's process group."""
-    from python_backend.server import group_members
+    from python_backend.serving.server import group_members
 
     workers = []
     for pid in group_members(server.pgid):

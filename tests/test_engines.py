@@ -9,11 +9,12 @@ import onnx
 import pytest
 
 from conftest import relative_l2
-from python_backend.build import BuildRequest, build, cache_key
-from python_backend.denoise import GenerationRequest, ParallelConfig
-from python_backend.generate import GenerationJob, run_generation_job
-from python_backend.modes import Mode
-from python_backend.ranks import run_on_ranks
+from python_backend.engines.build import BuildRequest, build, cache_key
+from python_backend.core.denoise import GenerationRequest
+from python_backend.core.parallel import ParallelConfig
+from python_backend.cli.generate_job import GenerationJob, run_generation_job
+from python_backend.core.modes import Mode
+from python_backend.core.ranks import run_on_ranks
 
 REQUEST = GenerationRequest("a photo of an astronaut", height=256, width=128, steps=6, guidance=5.0, seed=7)
 WARMUP = 2

@@ -2,8 +2,8 @@
 
 import torch
 
-from python_backend.exchange import BufferExchange
-from python_backend.ranks import run_on_ranks
+from python_backend.core.exchange import BufferExchange
+from python_backend.core.ranks import run_on_ranks
 
 
 def _shapes(size):

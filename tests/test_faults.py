@@ -10,11 +10,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from clients import grpc_client, http_client
+from python_backend.client import generate
 from conftest import rank_workers
-from clients.request import request_tensors
-from python_backend.repository import fill_repository
-from python_backend.server import TritonServer, free_ports
+from python_backend.client.request import request_tensors
+from python_backend.serving.repository import fill_repository
+from python_backend.serving.server import TritonServer, free_ports
 from python_backend.serving.settings import ServingSettings
 
 SIZE, TIMEOUT = 128, 4.0
@@ -37,14 +37,14 @@ def server(tiny_sdxl, tmp_path_factory):
 
 
 def _solo(server):
-    return http_client.generate(server.urls["http"], "a quiet harbour", seed=5, steps=3)
+    return generate(server.urls["http"], "a quiet harbour", seed=5, steps=3)
 
 
 def test_a_request_past_its_timeout_stops_and_frees_the_group(server):
     before = _solo(server)
     started = time.monotonic()
     with pytest.raises(InferenceServerException, match=f"past its {TIMEOUT:g} s timeout"):
-        http_client.generate(server.urls["http"], "a long one", steps=LONG)
+        generate(server.urls["http"], "a long one", steps=LONG)
     assert time.monotonic() - started < TIMEOUT + 10
     np.testing.assert_array_equal(_solo(server), before)
 
@@ -71,7 +71,7 @@ def test_a_cancelled_request_stops_at_the_next_step(server):
     call.cancel()
     started = time.monotonic()
     # The group is free again well before the cancelled request's own timeout would have ended it.
-    np.testing.assert_array_equal(grpc_client.generate(server.urls["grpc"], "a quiet harbour", seed=5, steps=3),
+    np.testing.assert_array_equal(generate(server.urls["grpc"], "a quiet harbour", protocol="grpc", seed=5, steps=3),
                                   before)
     client.close()
     log = server.log_path.read_text()
@@ -87,7 +87,7 @@ def test_a_killed_rank_fails_its_request_and_the_next_one_is_exact(server):
     killer.start()
     started = time.monotonic()
     with pytest.raises(InferenceServerException, match="rank group was restarted, retry"):
-        http_client.generate(server.urls["http"], "a doomed one", steps=LONG)
+        generate(server.urls["http"], "a doomed one", steps=LONG)
     killer.join()
     assert time.monotonic() - started < 30
     np.testing.assert_array_equal(_solo(server), before)

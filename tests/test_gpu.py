@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from conftest import relative_l2
-from python_backend.denoise import GenerationRequest, ParallelConfig
-from python_backend.generate import GenerationJob, run_generation_job
-from python_backend.modes import Mode
-from python_backend.ranks import run_on_ranks
+from python_backend.core.denoise import GenerationRequest
+from python_backend.core.parallel import ParallelConfig
+from python_backend.cli.generate_job import GenerationJob, run_generation_job
+from python_backend.core.modes import Mode
+from python_backend.core.ranks import run_on_ranks
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -38,7 +39,7 @@ def _has_tensorrt() -> bool:
 @pytest.mark.skipif(GPUS < 1 or not _has_tensorrt(),
                     reason=f"needs an NVIDIA GPU with tensorrt and polygraphy installed (GPUs here: {GPUS})")
 def test_tensorrt_engines_match_onnxruntime(tiny_sdxl, tmp_path):
-    from python_backend.build import BuildRequest, build
+    from python_backend.engines.build import BuildRequest, build
 
     request = GenerationRequest("a photo of an astronaut", height=256, width=256, steps=6, seed=1)
     parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 2, split_cfg=False)

@@ -1,6 +1,6 @@
 import pytest
 
-from python_backend.layout import LayoutError, PatchLayout
+from python_backend.core.layout import LayoutError, PatchLayout
 
 
 def test_equal_split():

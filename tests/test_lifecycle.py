@@ -6,10 +6,10 @@ import urllib.request
 
 import numpy as np
 
-from clients import http_client
+from python_backend.client import generate
 from conftest import rank_workers
-from python_backend.repository import fill_repository
-from python_backend.server import TritonServer, free_ports
+from python_backend.serving.repository import fill_repository
+from python_backend.serving.server import TritonServer, free_ports
 from python_backend.serving.settings import ServingSettings
 
 SIZE = 128
@@ -47,7 +47,7 @@ def test_unload_ends_the_workers_and_reload_serves_again(tiny_sdxl, tmp_path):
     with TritonServer(repository, *free_ports(3), host="127.0.0.1", workdir=tmp_path / "work",
                       extra_args=["--model-control-mode=explicit", "--load-model=*"]) as server:
         url = server.urls["http"]
-        first = http_client.generate(url, "a lantern", seed=3)
+        first = generate(url, "a lantern", seed=3)
         workers = rank_workers(server)
         assert workers
         assert _post(f"http://{url}/v2/repository/models/denoiser/unload")[0] == 200
@@ -56,4 +56,4 @@ def test_unload_ends_the_workers_and_reload_serves_again(tiny_sdxl, tmp_path):
             time.sleep(0.2)
         assert not set(workers) & set(rank_workers(server)), "unloading the denoiser ended its rank workers"
         assert _post(f"http://{url}/v2/repository/models/denoiser/load")[0] == 200
-        np.testing.assert_array_equal(http_client.generate(url, "a lantern", seed=3), first)
+        np.testing.assert_array_equal(generate(url, "a lantern", seed=3), first)

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import relative_l2
-from python_backend.denoise import GenerationRequest, ParallelConfig
-from python_backend.generate import GenerationJob, run_generation_job
-from python_backend.modes import Mode
-from python_backend.ranks import run_on_ranks
+from python_backend.core.denoise import GenerationRequest
+from python_backend.core.parallel import ParallelConfig
+from python_backend.cli.generate_job import GenerationJob, run_generation_job
+from python_backend.core.modes import Mode
+from python_backend.core.ranks import run_on_ranks
 
 REQUEST = GenerationRequest("a photo of an astronaut riding a horse", height=256, width=256, steps=8,
                             guidance=5.0, scheduler="euler", seed=3)

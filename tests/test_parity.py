@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from conftest import relative_l2
-from python_backend.denoise import GenerationRequest, ParallelConfig
-from python_backend.generate import GenerationJob, run_generation_job
-from python_backend.model import make_scheduler
-from python_backend.modes import Mode
-from python_backend.ranks import RankGroup
+from python_backend.core.denoise import GenerationRequest
+from python_backend.core.parallel import ParallelConfig
+from python_backend.cli.generate_job import GenerationJob, run_generation_job
+from python_backend.core.model import make_scheduler
+from python_backend.core.modes import Mode
+from python_backend.core.ranks import RankGroup
 
 
 def _ours(model, request, mode=Mode.CORRECTED_ASYNC_GN):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from python_backend import patch_math
-from python_backend.layout import PatchLayout
+from python_backend.core import patch_math
+from python_backend.core.layout import PatchLayout
 
 
 def _slabs(x, layout):

@@ -3,11 +3,12 @@
 import numpy as np
 
 from conftest import relative_l2
-from python_backend.denoise import GenerationRequest, ParallelConfig
-from python_backend.generate import GenerationJob, run_generation_job
-from python_backend.modes import Mode
-from python_backend.rank_service import RankService, RankServiceConfig
-from python_backend.ranks import run_on_ranks
+from python_backend.core.denoise import GenerationRequest
+from python_backend.core.parallel import ParallelConfig
+from python_backend.cli.generate_job import GenerationJob, run_generation_job
+from python_backend.core.modes import Mode
+from python_backend.serving.rank_service import RankService, RankServiceConfig
+from python_backend.core.ranks import run_on_ranks
 
 
 def test_rank_service_serves_requests_one_after_another(tiny_sdxl):
@@ -42,7 +43,7 @@ import time
 
 import pytest
 
-from python_backend.rank_service import RankGroupFailed
+from python_backend.serving.rank_service import RankGroupFailed
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
@@ -73,7 +74,7 @@ def test_a_failed_rank_fails_only_its_request_and_the_group_recovers(tiny_sdxl, 
 
 
 def test_a_cancelled_request_stops_every_rank_at_a_step_boundary(tiny_sdxl):
-    from python_backend.denoise import GenerationCancelled
+    from python_backend.core.denoise import GenerationCancelled
 
     parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 2, split_cfg=False)
     request = GenerationRequest("a harbour", height=128, width=128, steps=8, seed=3)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from python_backend import server as srv
-from python_backend.perf_tools import find_perf_analyzer, run_perf_analyzer
+from python_backend.serving import server as srv
+from python_backend.serving.perf_tools import find_perf_analyzer, run_perf_analyzer
 
 CONFIG = """\
 name: "echo"
@@ -202,7 +202,7 @@ def test_stop_kills_what_an_unclean_exit_leaves(tmp_path):
 def test_serve_command_stops_cleanly_on_sigint(tmp_path):
     repository = write_echo_repository(tmp_path / "repository")
     http, grpc, metrics = srv.free_ports(3)
-    cmd = [sys.executable, "-m", "python_backend.server", "--repository", str(repository),
+    cmd = [sys.executable, "-m", "python_backend.serving.server", "--repository", str(repository),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--host", "127.0.0.1", "--workdir", str(tmp_path / "work")]
     serve = subprocess.Popen(cmd, cwd=srv.PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

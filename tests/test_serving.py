@@ -11,14 +11,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from clients import grpc_client, http_client
+from python_backend.client import generate
 from conftest import rank_workers
-from python_backend.denoise import GenerationRequest, ParallelConfig
-from python_backend.generate import GenerationJob, run_generation_job
-from python_backend.modes import Mode
-from python_backend.ranks import run_on_ranks
-from python_backend.repository import fill_repository
-from python_backend.server import TritonServer, free_ports
+from python_backend.core.denoise import GenerationRequest
+from python_backend.core.parallel import ParallelConfig
+from python_backend.cli.generate_job import GenerationJob, run_generation_job
+from python_backend.core.modes import Mode
+from python_backend.core.ranks import run_on_ranks
+from python_backend.serving.repository import fill_repository
+from python_backend.serving.server import TritonServer, free_ports
 from python_backend.serving.settings import ServingSettings
 
 SIZE, STEPS, RANKS, WARMUP = 128, 4, 2, 2
@@ -57,8 +58,8 @@ def test_http_and_grpc_images_equal_each_other_and_in_process_generation(server,
     http_url, grpc_url = _urls(server)
     options = dict(prompt="a photo of an astronaut riding a horse", seed=42, steps=STEPS, guidance_scale=5.0,
                    scheduler="euler")
-    over_http = http_client.generate(http_url, **options)
-    over_grpc = grpc_client.generate(grpc_url, **options)
+    over_http = generate(http_url, **options)
+    over_grpc = generate(grpc_url, protocol="grpc", **options)
     assert over_http.shape == (SIZE, SIZE, 3) and over_http.dtype == np.uint8
     np.testing.assert_array_equal(over_http, over_grpc)
     local = _generate_in_process(tiny_sdxl, RANKS, prompt=options["prompt"], seed=42, steps=STEPS, guidance=5.0)
@@ -67,15 +68,15 @@ def test_http_and_grpc_images_equal_each_other_and_in_process_generation(server,
 
 def test_every_sent_input_takes_effect(server, tiny_sdxl):
     http_url, _ = _urls(server)
-    base = http_client.generate(http_url, "a red cube", seed=1)
-    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=2))
-    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, steps=STEPS + 1))
-    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, guidance_scale=2.0))
-    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, scheduler="ddim"))
-    assert not np.array_equal(base, http_client.generate(http_url, "a red cube", seed=1, negative_prompt="blue"))
+    base = generate(http_url, "a red cube", seed=1)
+    assert not np.array_equal(base, generate(http_url, "a red cube", seed=2))
+    assert not np.array_equal(base, generate(http_url, "a red cube", seed=1, steps=STEPS + 1))
+    assert not np.array_equal(base, generate(http_url, "a red cube", seed=1, guidance_scale=2.0))
+    assert not np.array_equal(base, generate(http_url, "a red cube", seed=1, scheduler="ddim"))
+    assert not np.array_equal(base, generate(http_url, "a red cube", seed=1, negative_prompt="blue"))
     # defaults come from the config: seed 0, STEPS steps, euler, guidance 5
-    np.testing.assert_array_equal(http_client.generate(http_url, "a red cube"),
-                                  http_client.generate(http_url, "a red cube", seed=0, steps=STEPS,
+    np.testing.assert_array_equal(generate(http_url, "a red cube"),
+                                  generate(http_url, "a red cube", seed=0, steps=STEPS,
                                                        scheduler="euler", guidance_scale=5.0))
 
 
@@ -128,7 +129,7 @@ def _ready(server) -> bool:
 
 
 def test_metrics_include_triton_and_denoiser_figures(server):
-    http_client.generate(_urls(server)[0], "a metric", steps=2)
+    generate(_urls(server)[0], "a metric", steps=2)
     with urllib.request.urlopen(server.urls["metrics"], timeout=5) as response:
         text = response.read().decode()
     assert 'nv_inference_request_success{model="pipeline"' in text
@@ -167,7 +168,7 @@ def _alive(pid: int) -> bool:
 def test_stopping_the_server_leaves_no_worker(tiny_sdxl, tmp_path):
     import time
 
-    from python_backend.server import group_members
+    from python_backend.serving.server import group_members
 
     settings = ServingSettings(model_dir=str(tiny_sdxl), ranks=RANKS, split_cfg=False, sizes=f"{SIZE}x{SIZE}",
                                default_steps=2, default_height=SIZE, default_width=SIZE)
@@ -176,7 +177,7 @@ def test_stopping_the_server_leaves_no_worker(tiny_sdxl, tmp_path):
     triton = TritonServer(repository, *ports, host="127.0.0.1", workdir=tmp_path / "work").start()
     try:
         triton.wait_ready(240)
-        http_client.generate(f"127.0.0.1:{ports[0]}", "one request")
+        generate(f"127.0.0.1:{ports[0]}", "one request")
         members = group_members(triton.pgid)
         assert len(rank_workers(triton)) == RANKS - 1, members
     finally:
@@ -190,11 +191,11 @@ def test_concurrent_clients_get_exactly_their_solo_images(server):
     from concurrent.futures import ThreadPoolExecutor
 
     http_url, grpc_url = _urls(server)
-    jobs = [(f"prompt number {i}", 100 + i, http_url if i % 2 else grpc_url, http_client if i % 2 else grpc_client)
+    jobs = [(f"prompt number {i}", 100 + i, http_url if i % 2 else grpc_url, "http" if i % 2 else "grpc")
             for i in range(8)]
-    solo = [client.generate(url, prompt, seed=seed, steps=2) for prompt, seed, url, client in jobs]
+    solo = [generate(url, prompt, protocol=protocol, seed=seed, steps=2) for prompt, seed, url, protocol in jobs]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        together = list(pool.map(lambda job: job[3].generate(job[2], job[0], seed=job[1], steps=2), jobs))
+        together = list(pool.map(lambda job: generate(job[2], job[0], protocol=job[3], seed=job[1], steps=2), jobs))
     for i, (alone, crowded) in enumerate(zip(solo, together)):
         np.testing.assert_array_equal(crowded, alone, err_msg=f"client {i}")
     assert len({image.tobytes() for image in solo}) == 8

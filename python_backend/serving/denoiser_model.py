@@ -14,19 +14,20 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ..denoise import GenerationCancelled, ParallelConfig
-from ..model import Conditioning
-from ..modes import Mode
-from ..rank_service import RankService, RankServiceConfig
+from ..core.denoise import GenerationCancelled
+from ..core.devices import resolve_device_kind
+from ..core.model import Conditioning, ModelInfo
+from ..core.modes import Mode
+from ..core.parallel import ParallelConfig
+from .rank_service import RankService, RankServiceConfig
 from . import triton_io, validation
 from .settings import ServingSettings
-
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.settings = s = ServingSettings.from_model_config(args["model_config"])
-        device_kind = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device_kind = resolve_device_kind(s.device)
         if device_kind == "cuda" and torch.cuda.device_count() < s.ranks:
             raise RuntimeError(f"denoiser is configured for {s.ranks} ranks but {torch.cuda.device_count()} GPUs are visible")
         config = RankServiceConfig(
@@ -37,7 +38,7 @@ class TritonPythonModel:
             rank_timeout_s=s.rank_timeout_s,
         )
         self.service = RankService(config)
-        self.sdxl = hasattr(self.service.denoiser.pipe, "text_encoder_2")
+        self.sdxl = ModelInfo.read(s.model_dir).family == "sdxl"
         self._metrics()
 
     def _metrics(self):
@@ -71,7 +72,7 @@ class TritonPythonModel:
     def _denoise(self, request) -> dict[str, np.ndarray]:
         values = {name: triton_io.optional_value(request, name) for name in validation.OPTIONS}
         generation = validation.generation(values, self.settings)
-        device = self.service.ranks.device
+        device = self.service.device
         embeds = torch.from_numpy(triton_io.tensor(request, "prompt_embeds")).to(device)
         added = None
         if self.sdxl:

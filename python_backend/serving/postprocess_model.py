@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import to_uint8
+from ..core.model import to_uint8
 from . import triton_io
 
 

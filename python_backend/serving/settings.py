@@ -9,27 +9,29 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
-from ..model import SCHEDULERS
+from ..core import defaults
+from ..core.defaults import SCHEDULERS
+from ..core.devices import set_cpu_threads
 
 
 @dataclass(frozen=True)
 class ServingSettings:
     model_dir: str = ""
     ranks: int = 1
-    mode: str = "corrected_async_gn"
-    warmup_steps: int = 4
+    mode: str = defaults.DEFAULT_MODE_NAME
+    warmup_steps: int = defaults.DEFAULT_WARMUP_STEPS
     split_cfg: bool = True
     engine: str = "torch"
     engine_dir: str = ""
     device: str = "auto"
-    sizes: str = "512x512"  # the built sizes, "HxW,HxW"
-    default_steps: int = 20
-    default_guidance: float = 5.0
-    default_scheduler: str = "euler"
-    default_seed: int = 0
-    default_height: int = 512
-    default_width: int = 512
-    max_steps: int = 1000
+    sizes: str = f"{defaults.DEFAULT_HEIGHT}x{defaults.DEFAULT_WIDTH}"  # the built sizes, "HxW,HxW"
+    default_steps: int = defaults.DEFAULT_STEPS
+    default_guidance: float = defaults.DEFAULT_GUIDANCE
+    default_scheduler: str = defaults.DEFAULT_SCHEDULER
+    default_seed: int = defaults.DEFAULT_SEED
+    default_height: int = defaults.DEFAULT_HEIGHT
+    default_width: int = defaults.DEFAULT_WIDTH
+    max_steps: int = defaults.MAX_STEPS
     min_guidance: float = 0.0
     max_guidance: float = 30.0
     max_prompt_chars: int = 2000
@@ -59,13 +61,8 @@ class ServingSettings:
 
 
 def cpu_threads(settings: ServingSettings) -> None:
-    """CPU threads per process: cores / ranks, as ``distrifusion generate`` uses, so that the served
-    image equals the command line's bit for bit (the thread count changes float summation order)."""
-    import os
-
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.ranks))
+    """Every served process uses the command line's threads per rank (see ``core.devices``)."""
+    set_cpu_threads(settings.ranks)
 
 
 def _parse(kind: str, text: str):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..model import encode_prompt
+from ..core.devices import resolve_device_kind, torch_dtype
+from ..core.model import encode_prompt
 from . import triton_io, validation
 from .settings import ServingSettings, cpu_threads
 
@@ -16,11 +17,11 @@ class TritonPythonModel:
 
         self.settings = ServingSettings.from_model_config(args["model_config"])
         cpu_threads(self.settings)
-        device = _device(self.settings.device)
+        device = torch.device(resolve_device_kind(self.settings.device))
         # Only the tokenizers and text encoders are needed here.
         self.pipe = DiffusionPipeline.from_pretrained(
             self.settings.model_dir, unet=None, vae=None, local_files_only=True,
-            dtype=torch.float16 if device.type == "cuda" else torch.float32,
+            dtype=torch_dtype("auto", device),
         ).to(device)
         self.sdxl = hasattr(self.pipe, "text_encoder_2")
 
@@ -46,8 +47,3 @@ class TritonPythonModel:
             "time_ids": added["time_ids"].float().cpu().numpy(),
         }
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)

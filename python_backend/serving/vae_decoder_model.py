@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from ..model import vae_decode
+from ..core.model import vae_decode
+from ..core.devices import resolve_device_kind
 from . import triton_io
 from .settings import ServingSettings, cpu_threads
 
@@ -17,7 +18,7 @@ class TritonPythonModel:
 
         settings = ServingSettings.from_model_config(args["model_config"])
         cpu_threads(settings)
-        device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device_kind(settings.device)
         self.vae = AutoencoderKL.from_pretrained(os.path.join(settings.model_dir, "vae"), local_files_only=True)
         self.vae = self.vae.to(device).eval()
 

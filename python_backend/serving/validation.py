@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..denoise import GenerationRequest
+from ..core.denoise import GenerationRequest
 from .settings import ServingSettings
 
 

@@ -9,17 +9,18 @@ from dataclasses import dataclass
 import torch
 
 from . import patch_math
-from .exchange import BufferExchange
 from .layout import PatchLayout
-from .modes import ASYNC_GROUP_NORM, GroupNormSource, Mode
+from .modes import ASYNC_GROUP_NORM, DEFAULT_MODE, DEFAULT_WARMUP_STEPS, GroupNormSource, Mode
+from .parallel import synchronous_steps
+from .transport import BufferTransport
 
 
 @dataclass
 class PatchContext:
     layout: PatchLayout
-    exchange: BufferExchange
-    mode: Mode = Mode.CORRECTED_ASYNC_GN
-    warmup_steps: int = 4
+    exchange: BufferTransport
+    mode: Mode = DEFAULT_MODE
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
     step: int = 0
 
     def begin_generation(self) -> None:
@@ -36,8 +37,7 @@ class PatchContext:
 
     @property
     def synchronous(self) -> bool:
-        # Any asynchronous mode needs one synchronous step to have something to borrow.
-        return self.mode is Mode.FULL_SYNC or self.step < max(self.warmup_steps, 1)
+        return self.mode is Mode.FULL_SYNC or self.step < synchronous_steps(self.warmup_steps)
 
     @property
     def index(self) -> int:

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .context import PatchContext
-from .layout import PatchLayout
-from .modes import Mode
-from .patch_layers import patch_unet
+from ..core.context import PatchContext
+from ..core.layout import PatchLayout
+from ..core.model import unet_downsampling_factor
+from ..core.modes import Mode
+from ..core.patch_layers import patch_unet
 from .segments import SegmentIO, SegmentModule, ShapeRecorder, TimeEmbedding, partition
 
 log = logging.getLogger("distrifusion.export")
@@ -118,7 +119,7 @@ class SegmentExporter:
 
     def __init__(self, pipe, units: tuple[int, ...], mode: Mode, cut: str | None = None):
         self.pipe = pipe
-        factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        factor = unet_downsampling_factor(pipe.unet.config)
         self.mode = graph_mode(mode, len(units))
         self.context = PatchContext(PatchLayout(units, factor), ShapeRecorder(), self.mode, warmup_steps=1)
         patch_unet(pipe.unet, self.context)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+from .defaults import DEFAULT_MODE_NAME, DEFAULT_WARMUP_STEPS
+
 
 class Mode(str, enum.Enum):
     FULL_SYNC = "full_sync"
@@ -40,5 +42,5 @@ ASYNC_GROUP_NORM = {
     Mode.NO_SYNC: GroupNormSource.LOCAL,
 }
 
-DEFAULT_MODE = Mode.CORRECTED_ASYNC_GN
-DEFAULT_WARMUP_STEPS = 4
+DEFAULT_MODE = Mode(DEFAULT_MODE_NAME)
+__all__ = ["Mode", "GroupNormSource", "ASYNC_GROUP_NORM", "DEFAULT_MODE", "DEFAULT_WARMUP_STEPS"]

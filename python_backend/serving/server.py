@@ -73,7 +73,7 @@ PYTHON_ENV_VAR = "DISTRIFUSION_PYTHON"
 PROJECT_ROOT_ENV_VAR = "DISTRIFUSION_PROJECT_ROOT"
 """Environment variable naming the folder that holds the ``python_backend`` package."""
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding python_backend/
 NGC_ROOT = Path("/opt/tritonserver")
 LOG_NAME = "tritonserver.log"
 LOG_TAIL_LINES = 40

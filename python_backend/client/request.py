@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
+from ..core.defaults import SCHEDULERS
+
 MODEL = "pipeline"
 OUTPUT = "image"
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
 DEFAULT_TIMEOUT_S = 600.0  # CPU servers take seconds per image, the first request much longer
 
 # input name -> (numpy dtype, Triton dtype)
@@ -63,10 +65,8 @@ def save_png(image: np.ndarray, path) -> None:
     Image.fromarray(image).save(path, format="PNG")
 
 
-def command_line(generate, protocol: str, default_url: str, argv=None) -> int:
-    """The ``main()`` of both example clients: parse flags, call ``generate``, save the PNG."""
-    parser = argparse.ArgumentParser(description=f"Generate one image with the '{MODEL}' model over {protocol}.")
-    parser.add_argument("--url", default=default_url, help=f"HOST:PORT of the server (default {default_url})")
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request's flags, shared by the example clients and ``distrifusion client``."""
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt")
     parser.add_argument("--seed", type=int)
@@ -75,15 +75,30 @@ def command_line(generate, protocol: str, default_url: str, argv=None) -> int:
     parser.add_argument("--scheduler", choices=SCHEDULERS)
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
-    parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the image")
-    parser.add_argument("--out", required=True, help="PNG path")
+    parser.add_argument("--model", default=MODEL, help=f"served model name (default {MODEL})")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds to wait for the image (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--out", required=True, type=Path, help="PNG path")
+
+
+def request_options(args: argparse.Namespace) -> dict:
+    """``generate``'s keyword arguments from the flags of :func:`add_request_arguments`."""
+    return dict(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                guidance_scale=args.guidance, scheduler=args.scheduler, height=args.height, width=args.width,
+                model=args.model, timeout=args.timeout)
+
+
+def command_line(protocol: str, default_url: str, argv=None) -> int:
+    """The ``main()`` of the example clients: parse flags, generate over ``protocol``, save the PNG."""
+    from .infer import generate
+
+    parser = argparse.ArgumentParser(description=f"Generate one image with the '{MODEL}' model over {protocol}.")
+    parser.add_argument("--url", default=default_url, help=f"HOST:PORT of the server (default {default_url})")
+    add_request_arguments(parser)
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    image = generate(args.url, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                     steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-                     height=args.height, width=args.width, model=args.model, timeout=args.timeout)
+    image = generate(args.url, args.prompt, protocol=protocol, **request_options(args))
     seconds = time.perf_counter() - start
     save_png(image, args.out)
     print(f"saved {args.out} ({image.shape[1]}x{image.shape[0]}) in {seconds:.2f} s")

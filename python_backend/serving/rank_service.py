@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from .denoise import (
-    EngineSet,
-    GenerationCancelled,
-    GenerationRequest,
-    GenerationResult,
-    ParallelConfig,
-    PatchParallelDenoiser,
-)
-from .model import Conditioning, load_pipeline
-from .ranks import RankGroup, free_port
+from ..core.denoise import GenerationCancelled, GenerationRequest, GenerationResult, PatchParallelDenoiser
+from ..core.devices import set_cpu_threads
+from ..core.model import Conditioning
+from ..core.parallel import ParallelConfig
+from ..core.ranks import RankGroup, free_port
+from ..engines.loader import load_denoiser
 
 log = logging.getLogger("distrifusion.rank_service")
 
@@ -49,13 +44,9 @@ class RankGroupFailed(RuntimeError):
 
 
 def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
-    from .generate import torch_dtype
-
     if config.device_kind == "cpu":
-        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // config.world_size))
-    pipe = load_pipeline(config.model, ranks.device, torch_dtype(config.dtype, ranks.device))
-    engines = None if config.engine == "torch" else EngineSet(config.engine_dir, config.engine)
-    return PatchParallelDenoiser(pipe, ranks, config.parallel, engines)
+        set_cpu_threads(config.world_size, config.threads)
+    return load_denoiser(config.model, ranks, config.parallel, config.dtype, config.engine, config.engine_dir)
 
 
 def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
@@ -118,7 +109,7 @@ class RankService:
         if self.denoiser is None:
             self.denoiser = _load(config, self.ranks)
         else:  # a restart: rank 0 keeps its loaded model and joins the new group
-            self.denoiser.ranks = self.ranks
+            self.denoiser.rejoin(self.ranks)
 
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
                  parallel: ParallelConfig | None = None, on_step=None, should_stop=None) -> GenerationResult:
@@ -166,6 +157,11 @@ class RankService:
                 worker.kill()
                 worker.join(1)
         self.workers = []
+
+    @property
+    def device(self) -> torch.device:
+        """Rank 0's device: where a request's tensors go before they enter the group."""
+        return self.ranks.device
 
     @property
     def worker_pids(self) -> list[int]:

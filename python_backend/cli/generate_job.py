@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .denoise import EngineSet, GenerationRequest, ParallelConfig, PatchParallelDenoiser
-from .model import decode_latents, load_pipeline
-from .ranks import RankGroup
+from ..core.denoise import GenerationRequest
+from ..core.model import decode_latents
+from ..core.parallel import ParallelConfig
+from ..core.ranks import RankGroup
+from ..engines.loader import load_denoiser
 
 log = logging.getLogger("distrifusion.generate")
 
@@ -35,16 +37,8 @@ class RunOutput:
     events: list = field(default_factory=list)
 
 
-def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
-    pipe = load_pipeline(job.model, ranks.device, torch_dtype(job.dtype, ranks.device))
-    engines = None if job.engine == "torch" else EngineSet(job.engine_dir, job.engine)
-    denoiser = PatchParallelDenoiser(pipe, ranks, job.runs[0][1], engines)
+    denoiser = load_denoiser(job.model, ranks, job.runs[0][1], job.dtype, job.engine, job.engine_dir)
     outputs = []
     for request, parallel in job.runs:
         progress = _StepProgress(request, parallel, ranks) if job.progress and ranks.rank == 0 else None
@@ -56,7 +50,7 @@ def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
         )
         if job.decode and ranks.rank == 0:
             log.info("decoding %d image(s) with the VAE", request.num_images)
-            output.images = list(decode_latents(pipe, result.latents))
+            output.images = list(decode_latents(denoiser.pipe, result.latents))
         outputs.append(output)
     return outputs
 

@@ -1,7 +1,7 @@
 """``distrifusion client`` and ``distrifusion perf``: talk to a running server (``distrifusion serve``).
 
-``client`` sends one request through the example clients in ``clients/`` and saves the PNG.
-``perf`` runs perf_analyzer against the ``pipeline`` ensemble with ``clients/perf_inputs.json`` and
+``client`` sends one request through the client library (``python_backend.client``) and saves the PNG.
+``perf`` runs perf_analyzer against the ``pipeline`` ensemble with the packaged perf inputs and
 summarises its CSV. Requests take seconds (1-5 s each on CPU), so perf_analyzer measures in windows
 of a few requests with a loose stability criterion instead of its default 5-second time windows.
 """
@@ -9,6 +9,7 @@ of a few requests with a loose stability criterion instead of its default 5-seco
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import re
 import subprocess
 import sys
@@ -16,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .model import SCHEDULERS
+from ..client.infer import PROTOCOLS
+from ..client.request import add_request_arguments, request_options
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PERF_INPUTS = REPO_ROOT / "clients" / "perf_inputs.json"
+DEFAULT_PERF_INPUTS = Path(str(importlib.resources.files("python_backend.client") / "perf_inputs.json"))
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d+$")
 _CONCURRENCY = re.compile(r"^\d+(:\d+(:\d+)?)?$")
 
@@ -27,27 +28,17 @@ _CONCURRENCY = re.compile(r"^\d+(:\d+(:\d+)?)?$")
 def add_client_commands(commands) -> None:
     client = commands.add_parser("client", help="send one request to a running server and save the image")
     client.add_argument("--url", required=True, help="HOST:PORT (8000 for HTTP, 8001 for gRPC)")
-    client.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    client.add_argument("--prompt", required=True)
-    client.add_argument("--negative-prompt", default=None)
-    client.add_argument("--seed", type=int, default=None)
-    client.add_argument("--steps", type=int, default=None)
-    client.add_argument("--guidance", type=float, default=None, help="guidance scale")
-    client.add_argument("--scheduler", choices=SCHEDULERS, default=None)
-    client.add_argument("--height", type=int, default=None)
-    client.add_argument("--width", type=int, default=None)
-    client.add_argument("--model", default="pipeline", help="served model name (default pipeline)")
-    client.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image (default 600)")
-    client.add_argument("--out", required=True, type=Path, help="PNG path")
+    client.add_argument("--protocol", choices=PROTOCOLS, default="http")
+    add_request_arguments(client)
     client.set_defaults(handler=_client)
 
     perf = commands.add_parser("perf", help="measure throughput and latency of a running server with perf_analyzer")
     perf.add_argument("--url", required=True, help="HOST:PORT (8000 for HTTP, 8001 for gRPC)")
-    perf.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    perf.add_argument("--protocol", choices=PROTOCOLS, default="http")
     perf.add_argument("--model", default="pipeline")
     perf.add_argument("--concurrency", default="1:2", help="START[:END[:STEP]] concurrent requests (default 1:2)")
     perf.add_argument("--input-data", type=Path, default=DEFAULT_PERF_INPUTS,
-                      help="perf_analyzer JSON input file (default clients/perf_inputs.json)")
+                      help="perf_analyzer JSON input file (default: the packaged one, as in clients/perf_inputs.json)")
     perf.add_argument("--request-count", type=int, default=4,
                       help="requests per measurement window (default 4)")
     perf.add_argument("--measurement-interval", type=int, default=5000,
@@ -70,17 +61,6 @@ def _check_url(url: str) -> str | None:
     return None
 
 
-def import_clients():
-    """The ``clients`` package, found from the repository root if it is not importable already."""
-    try:
-        import clients  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(REPO_ROOT))
-    from clients import grpc_client, http_client
-
-    return http_client, grpc_client
-
-
 def _client(args) -> int:
     problem = _check_url(args.url)
     for flag, value in (("--steps", args.steps), ("--height", args.height), ("--width", args.width)):
@@ -93,13 +73,11 @@ def _client(args) -> int:
 
     from tritonclient.utils import InferenceServerException
 
-    http_client, grpc_client = import_clients()
-    generate = http_client.generate if args.protocol == "http" else grpc_client.generate
+    from ..client import generate
+
     start = time.perf_counter()
     try:
-        image = generate(args.url, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                         steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-                         height=args.height, width=args.width, model=args.model, timeout=args.timeout)
+        image = generate(args.url, args.prompt, protocol=args.protocol, **request_options(args))
     except (InferenceServerException, OSError, ValueError) as error:
         print(f"distrifusion client: request failed: {error}", file=sys.stderr)
         return 1

@@ -14,9 +14,21 @@ from pathlib import Path
 
 import torch
 
+from .defaults import SCHEDULERS
+
 log = logging.getLogger("distrifusion.model")
 
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
+
+def unet_downsampling_factor(unet_config) -> int:
+    """Latent rows per patch unit: the UNet's total downsampling (one per block after the first)."""
+    channels = unet_config["block_out_channels"] if isinstance(unet_config, dict) else unet_config.block_out_channels
+    return 2 ** (len(channels) - 1)
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent row, as diffusers' pipelines compute ``vae_scale_factor``."""
+    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
+    return 2 ** (len(channels) - 1)
 
 
 class ModelFolderError(ValueError):
@@ -45,8 +57,8 @@ class ModelInfo:
         return cls(
             path=path,
             family=family,
-            downsampling_factor=2 ** (len(unet_config["block_out_channels"]) - 1),
-            vae_scale=2 ** (len(vae_config["block_out_channels"]) - 1),
+            downsampling_factor=unet_downsampling_factor(unet_config),
+            vae_scale=vae_scale_factor(vae_config),
         )
 
 

@@ -1,16 +1,18 @@
-"""Fills a Triton model repository from ``model_repository/`` with one deployment's settings."""
+"""Fills a Triton model repository from the packaged templates with one deployment's settings."""
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import shutil
 from pathlib import Path
 
-from .serving.settings import ServingSettings
+from .settings import ServingSettings
 
 log = logging.getLogger("distrifusion.repository")
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
+# The templates are package data (model_repository/ at the top of the checkout links here).
+TEMPLATES = Path(str(importlib.resources.files("python_backend.serving") / "model_repository"))
 MODELS = ("text_encoder", "denoiser", "vae_decoder", "postprocess", "pipeline")
 
 

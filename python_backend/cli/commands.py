@@ -7,8 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from .modes import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, Mode
-from .model import SCHEDULERS
+from ..core import defaults
+from ..core.defaults import SCHEDULERS
+from ..core.devices import DEVICE_KINDS, DTYPES
+from ..core.modes import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, Mode
+from ..core.parallel import group_shape
+from ..engines.loader import ENGINE_BACKENDS
+from .recipes import RecipeError, apply_recipe
 
 log = logging.getLogger("distrifusion")
 
@@ -22,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if getattr(args, "recipe", None) is not None:
+            args = apply_recipe(parser, args, argv)
         return args.handler(args)
+    except RecipeError as error:
+        print(f"distrifusion {args.command}: error: --recipe: {error}", file=sys.stderr)
+        return 2
     except UsageError as error:
         print(f"distrifusion {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -42,21 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, type=Path, help="a local diffusers SDXL or SD 1.x/2.x folder")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--height", type=int, default=512)
-    gen.add_argument("--width", type=int, default=512)
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=5.0)
-    gen.add_argument("--scheduler", choices=SCHEDULERS, default="euler")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=defaults.DEFAULT_HEIGHT)
+    gen.add_argument("--width", type=int, default=defaults.DEFAULT_WIDTH)
+    gen.add_argument("--steps", type=int, default=defaults.DEFAULT_STEPS)
+    gen.add_argument("--guidance", type=float, default=defaults.DEFAULT_GUIDANCE)
+    gen.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.DEFAULT_SCHEDULER)
+    gen.add_argument("--seed", type=int, default=defaults.DEFAULT_SEED)
     gen.add_argument("--ranks", type=int, default=1, help="number of ranks (local processes, one per device)")
     gen.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
     gen.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
     gen.add_argument("--no-split-cfg", action="store_true", help="every rank runs both guidance halves")
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    gen.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    gen.add_argument("--device", choices=DEVICE_KINDS, default="auto")
+    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     gen.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
-    gen.add_argument("--engine", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+    gen.add_argument("--engine", choices=ENGINE_BACKENDS, default="torch",
                      help="what runs the asynchronous steps: the eager core or segment engines (built and cached on demand)")
     gen.add_argument("--engine-dir", type=Path, default=None, help="engine cache folder (default build/out/engines)")
     gen.add_argument("--out", required=True, type=Path, help="PNG path (several images get _0, _1, ... suffixes)")
@@ -64,17 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_generate)
 
     bld = commands.add_parser("build", help="export per-rank UNet segments to ONNX (and TensorRT engines), cached")
-    bld.add_argument("--model", required=True, type=Path)
-    bld.add_argument("--height", type=int, default=512)
-    bld.add_argument("--width", type=int, default=512)
+    bld.add_argument("--recipe", type=Path, default=None,
+                     help="a build recipe (TOML, e.g. build/tiny-cpu.toml); flags given here override its values")
+    bld.add_argument("--model", type=Path, default=None, help="a local diffusers SDXL or SD 1.x/2.x folder")
+    bld.add_argument("--height", type=int, default=defaults.DEFAULT_HEIGHT)
+    bld.add_argument("--width", type=int, default=defaults.DEFAULT_WIDTH)
     bld.add_argument("--ranks", type=int, default=1)
-    bld.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="onnxruntime",
+    bld.add_argument("--backend", choices=ENGINE_BACKENDS, default="onnxruntime",
                      help="torch: no engines (the eager core serves every step)")
     bld.add_argument("--precision", choices=("fp16", "fp32"), default=None,
                      help="default: fp16 for tensorrt, fp32 for onnxruntime")
     bld.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
     bld.add_argument("--no-split-cfg", action="store_true")
-    bld.add_argument("--guidance", type=float, default=5.0, help="> 1 builds for a guided (CFG) batch")
+    bld.add_argument("--guidance", type=float, default=defaults.DEFAULT_GUIDANCE,
+                     help="> 1 builds for a guided (CFG) batch; also the served default guidance")
     bld.add_argument("--num-images", type=int, default=1)
     bld.add_argument("--cut", default=None, help='segment cut, e.g. "down0+down1,down2,mid,up0,up1+up2"')
     bld.add_argument("--out", type=Path, default=None, help="engine cache folder (default build/out/engines)")
@@ -82,20 +95,22 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--repository", type=Path, default=None,
                      help="also fill a Triton model repository here, set up for this build")
     bld.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
-    bld.add_argument("--steps", type=int, default=20, help="the served default number of steps")
-    bld.add_argument("--scheduler", choices=SCHEDULERS, default="euler", help="the served default scheduler")
+    bld.add_argument("--steps", type=int, default=defaults.DEFAULT_STEPS, help="the served default number of steps")
+    bld.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.DEFAULT_SCHEDULER,
+                     help="the served default scheduler")
     bld.set_defaults(handler=_build)
 
-    from .client_cli import add_client_commands
-    from .server import add_serve_command
+    from ..serving.client_commands import add_client_commands
+    from ..serving.server import add_serve_command
 
     add_serve_command(commands)
     add_client_commands(commands)
+    parser.subcommand_parsers = {"build": bld}  # apply_recipe sets a recipe's values as its defaults
     return parser
 
 
 def _tiny_model(args) -> int:
-    from .tiny_model import write_tiny_sd15, write_tiny_sdxl
+    from ..embedded.tiny_model import write_tiny_sd15, write_tiny_sdxl
 
     writer = write_tiny_sdxl if args.family == "sdxl" else write_tiny_sd15
     path = writer(args.out_dir, seed=args.seed)
@@ -104,7 +119,7 @@ def _tiny_model(args) -> int:
 
 
 def _build_request(args, backend: str, precision: str | None):
-    from .build import BuildRequest
+    from ..engines.build import BuildRequest
 
     if precision is None:
         precision = "fp16" if backend == "tensorrt" else "fp32"
@@ -116,9 +131,8 @@ def _build_request(args, backend: str, precision: str | None):
 
 
 def _build_engines(request, out, force=False):
-    from .build import DEFAULT_OUT, build
-    from .export import graph_mode
-    from .modes import Mode
+    from ..engines.build import DEFAULT_OUT, build
+    from ..engines.export import graph_mode
 
     patches, _ = request.patches_and_batch()
     try:
@@ -134,14 +148,16 @@ def _build_engines(request, out, force=False):
 
 
 def _build(args) -> int:
+    if args.model is None:
+        raise UsageError("--model is required (or `model` in the --recipe)")
     validate_generate_args(args)
     folder = None
     if args.backend != "torch":
         folder = _build_engines(_build_request(args, args.backend, args.precision), args.out, args.force)
         print(f"engines ready at {folder}")
     if args.repository is not None:
-        from .repository import fill_repository
-        from .serving.settings import ServingSettings
+        from ..serving.repository import fill_repository
+        from ..serving.settings import ServingSettings
 
         settings = ServingSettings(
             model_dir=str(args.model.resolve()), ranks=args.ranks, mode=args.mode, warmup_steps=args.warmup_steps,
@@ -155,8 +171,8 @@ def _build(args) -> int:
 
 def validate_generate_args(args):
     """Checks every flag before any process starts; returns the model's ``ModelInfo``."""
-    from .layout import LayoutError, PatchLayout
-    from .model import ModelFolderError, ModelInfo
+    from ..core.layout import LayoutError, PatchLayout
+    from ..core.model import ModelFolderError, ModelInfo
 
     try:
         info = ModelInfo.read(args.model)
@@ -172,8 +188,8 @@ def validate_generate_args(args):
             f"(VAE factor {info.vae_scale} x UNet downsampling {info.downsampling_factor}), "
             f"got {args.height}x{args.width}"
         )
-    if args.steps < 1 or args.steps > 1000:
-        raise UsageError(f"--steps must be between 1 and 1000, got {args.steps}")
+    if not 1 <= args.steps <= defaults.MAX_STEPS:
+        raise UsageError(f"--steps must be between 1 and {defaults.MAX_STEPS}, got {args.steps}")
     if args.ranks < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
     if args.num_images < 1:
@@ -182,12 +198,11 @@ def validate_generate_args(args):
         raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
-    split = args.guidance > 1 and not args.no_split_cfg and args.ranks % 2 == 0
-    patches = args.ranks // 2 if split else args.ranks
+    shape = group_shape(args.ranks, args.guidance > 1, not args.no_split_cfg, args.num_images)
     try:
-        PatchLayout.split(args.height // info.vae_scale, patches, info.downsampling_factor)
+        PatchLayout.split(args.height // info.vae_scale, shape.patches, info.downsampling_factor)
     except LayoutError as error:
-        limit = args.height // unit * (2 if split else 1)
+        limit = args.height // unit * (2 if shape.split else 1)
         raise UsageError(f"--ranks {args.ranks} is too many for --height {args.height} (at most {limit}): {error}") from None
     return info
 
@@ -197,14 +212,14 @@ def _generate(args) -> int:
     import torch
     from PIL import Image
 
-    from .denoise import GenerationRequest, ParallelConfig
-    from .generate import GenerationJob, run_generation_job
-    from .ranks import run_on_ranks
+    from ..core.denoise import GenerationRequest
+    from ..core.devices import resolve_device_kind
+    from ..core.parallel import ParallelConfig
+    from ..core.ranks import run_on_ranks
+    from .generate_job import GenerationJob, run_generation_job
 
     validate_generate_args(args)
-    device_kind = args.device
-    if device_kind == "auto":
-        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    device_kind = resolve_device_kind(args.device)
     if device_kind == "cuda" and args.ranks > torch.cuda.device_count():
         raise UsageError(f"--ranks {args.ranks} needs {args.ranks} GPUs; {torch.cuda.device_count()} present")
     request = GenerationRequest(

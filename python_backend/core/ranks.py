@@ -8,7 +8,6 @@ the conditional one; otherwise all ranks form one patch group running the whole 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import socket
 from datetime import timedelta
@@ -16,6 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .devices import set_cpu_threads, threads_per_rank
+from .parallel import group_shape
 
 log = logging.getLogger("distrifusion.ranks")
 
@@ -76,10 +78,11 @@ class RankGroup:
     def plan(self, guided: bool, split_cfg: bool) -> PatchPlan:
         if self.world_size == 1:
             return PatchPlan(group=None, size=1, index=0, branch=None)
-        if guided and split_cfg and self.halves is not None:
-            half = self.world_size // 2
-            branch = self.rank // half
-            return PatchPlan(group=self.halves[branch], size=half, index=self.rank % half, branch=branch)
+        shape = group_shape(self.world_size, guided, split_cfg)
+        if shape.split:
+            branch = self.rank // shape.patches
+            return PatchPlan(group=self.halves[branch], size=shape.patches, index=self.rank % shape.patches,
+                             branch=branch)
         return PatchPlan(group=dist.group.WORLD, size=self.world_size, index=self.rank, branch=None)
 
     def close(self) -> None:
@@ -96,7 +99,7 @@ def free_port() -> int:
 def _rank_main(rank, world_size, port, device_kind, threads, job, args, results):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     if device_kind == "cpu":
-        torch.set_num_threads(threads)
+        set_cpu_threads(world_size, threads)
     group = RankGroup.join(rank, world_size, "127.0.0.1", port, device_kind)
     try:
         result = job(group, *args)
@@ -113,11 +116,9 @@ def run_on_ranks(world_size: int, job, args: tuple = (), device_kind: str = "cpu
 
     One rank runs in this process; more ranks are started as local processes, one per device.
     """
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // world_size)
     if world_size == 1:
         if device_kind == "cpu":
-            torch.set_num_threads(threads)
+            set_cpu_threads(world_size, threads)
         device = "cuda" if device_kind == "cuda" else "cpu"
         return job(RankGroup.single(device), *args)
     import torch.multiprocessing as mp
@@ -125,7 +126,8 @@ def run_on_ranks(world_size: int, job, args: tuple = (), device_kind: str = "cpu
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     port = free_port()
-    log.info("starting %d rank processes (%s, %d thread(s) each)", world_size, device_kind, threads)
+    log.info("starting %d rank processes (%s, %d thread(s) each)", world_size, device_kind,
+             threads_per_rank(world_size, threads))
     processes = mp.start_processes(
         _rank_main,
         args=(world_size, port, device_kind, threads, job, args, results),

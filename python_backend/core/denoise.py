@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
 from .context import PatchContext
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_WIDTH
 from .exchange import BufferExchange
 from .layout import PatchLayout
-from .model import Conditioning, encode_prompt, make_scheduler
-from .modes import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, Mode
+from .model import Conditioning, encode_prompt, make_scheduler, unet_downsampling_factor
+from .parallel import ParallelConfig
 from .patch_layers import patch_unet
-from .ranks import RankGroup
+from .ranks import PatchPlan, RankGroup
+from .transport import BufferTransport
 
 log = logging.getLogger("distrifusion.denoise")
 
@@ -28,24 +30,17 @@ log = logging.getLogger("distrifusion.denoise")
 class GenerationRequest:
     prompt: str
     negative_prompt: str | None = None
-    height: int = 512
-    width: int = 512
-    steps: int = 20
-    guidance: float = 5.0
-    scheduler: str = "euler"
-    seed: int = 0
+    height: int = DEFAULT_HEIGHT
+    width: int = DEFAULT_WIDTH
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    scheduler: str = DEFAULT_SCHEDULER
+    seed: int = DEFAULT_SEED
     num_images: int = 1
 
     @property
     def guided(self) -> bool:
         return self.guidance > 1.0
-
-
-@dataclass
-class ParallelConfig:
-    mode: Mode = DEFAULT_MODE
-    warmup_steps: int = DEFAULT_WARMUP_STEPS
-    split_cfg: bool = True
 
 
 @dataclass
@@ -56,17 +51,27 @@ class GenerationResult:
     events: list = field(default_factory=list)  # the layer exchange's log (ExchangeEvent)
 
 
+UNetStep = Callable[[torch.Tensor, torch.Tensor, Conditioning, BufferTransport], torch.Tensor]
+
+
+class StepEngines(Protocol):
+    """What runs the asynchronous steps instead of the eager UNet (``engines.EngineSet``)."""
+
+    def for_generation(self, plan: PatchPlan, layout: PatchLayout, request: GenerationRequest) -> UNetStep:
+        """The step function for this rank's slab, checked against what was built for ``request``."""
+
+
 class PatchParallelDenoiser:
     """Owns one rank's patched UNet and runs generations on it."""
 
-    exchange_class = BufferExchange  # the transport of layer buffers (benchmarks swap in variants)
+    exchange_class: type[BufferTransport] = BufferExchange  # the layers' transport (benchmarks swap in variants)
 
-    def __init__(self, pipe, ranks: RankGroup, parallel: ParallelConfig, engines: "EngineSet | None" = None):
+    def __init__(self, pipe, ranks: RankGroup, parallel: ParallelConfig, engines: StepEngines | None = None):
         self.pipe = pipe
         self.engines = engines
         self.ranks = ranks
         self.parallel = parallel
-        self.factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        self.factor = unet_downsampling_factor(pipe.unet.config)
         self.vae_scale = pipe.vae_scale_factor
         self.context = PatchContext(
             layout=PatchLayout((1,), self.factor),
@@ -79,6 +84,14 @@ class PatchParallelDenoiser:
         unet = pipe.unet
         for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
             block.register_forward_hook(lambda *_: self.context.exchange.flush())
+
+    def rejoin(self, ranks: RankGroup) -> None:
+        """Serve on a new rank group (after a restart) with the model already loaded."""
+        self.ranks = ranks
+
+    @property
+    def is_sdxl(self) -> bool:
+        return hasattr(self.pipe, "text_encoder_2")
 
     @torch.no_grad()
     def generate(
@@ -170,30 +183,6 @@ class PatchParallelDenoiser:
 
 class GenerationCancelled(RuntimeError):
     """A generation stopped at a step boundary (cancelled by the client or past its deadline)."""
-
-
-class EngineSet:
-    """The segment engines of one build, loaded per slab index on first use."""
-
-    def __init__(self, folder, backend: str):
-        self.folder, self.backend = Path(folder), backend
-        if not (self.folder / "build.json").is_file():
-            raise FileNotFoundError(f"no complete {backend} build at {self.folder}; run `distrifusion build` first")
-        self.loaded = {}
-
-    def for_generation(self, plan, layout: PatchLayout, request: GenerationRequest):
-        from .engine_unet import SegmentedUNet
-
-        if plan.index not in self.loaded:
-            self.loaded[plan.index] = SegmentedUNet(self.folder / f"patch{plan.index}", self.backend)
-        engine = self.loaded[plan.index]
-        built = engine.manifest
-        wanted = {"units": list(layout.units), "height": request.height, "width": request.width,
-                  "batch": request.num_images * (2 if request.guided and plan.branch is None else 1)}
-        have = {k: built[k] for k in wanted}
-        if have != wanted:
-            raise ValueError(f"the engines at {self.folder} were built for {have}, this generation needs {wanted}")
-        return engine
 
 
 class _OutputGather:

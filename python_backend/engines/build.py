@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .layout import PatchLayout
-from .model import ModelInfo, load_pipeline
-from .modes import Mode
+from .. import __version__
+from ..core.layout import PatchLayout
+from ..core.model import ModelInfo, load_pipeline
+from ..core.modes import DEFAULT_MODE, Mode
+from ..core.parallel import group_shape
 
 log = logging.getLogger("distrifusion.build")
 
@@ -35,7 +36,7 @@ class BuildRequest:
     ranks: int
     backend: str = "onnxruntime"
     precision: str = "fp32"
-    mode: str = Mode.CORRECTED_ASYNC_GN.value
+    mode: str = DEFAULT_MODE.value
     split_cfg: bool = True
     guided: bool = True
     num_images: int = 1
@@ -43,10 +44,8 @@ class BuildRequest:
 
     def patches_and_batch(self) -> tuple[int, int]:
         """Slabs per patch group and the UNet batch on each rank."""
-        split = self.guided and self.split_cfg and self.ranks >= 2 and self.ranks % 2 == 0
-        patches = self.ranks // 2 if split else self.ranks
-        batch = self.num_images * (2 if self.guided and not split else 1)
-        return patches, batch
+        shape = group_shape(self.ranks, self.guided, self.split_cfg, self.num_images)
+        return shape.patches, shape.batch
 
 
 def weights_digest(model: Path) -> str:
