@@ -8,8 +8,8 @@ export HF_HUB_OFFLINE=1
 HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
 bin=.venv/bin
 [ -f artifacts/tiny-sdxl/model_index.json ] || $bin/distrifusion tiny-model artifacts/tiny-sdxl
-$bin/distrifusion build --model artifacts/tiny-sdxl --height 512 --width 512 --ranks 2 --backend torch \
-  --repository artifacts/repository
+# build/tiny-cpu.toml names the model, size, ranks, backend and served defaults of this deployment.
+$bin/distrifusion build --recipe build/tiny-cpu.toml
 $bin/distrifusion serve --repository artifacts/repository --host 127.0.0.1 \
   --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" &
 server=$!

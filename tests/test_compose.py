@@ -88,10 +88,10 @@ def test_engines_are_built_before_serving(services):
     assert triton["depends_on"]["build"]["condition"] == "service_completed_successfully"
     build = services["build"]
     command = _command(build)
-    for part in ("distrifusion build", "--model /models/sdxl", "--height ${HEIGHT:-1024}", "--width ${WIDTH:-1024}",
-                 "--ranks ${RANKS:-2}", "--backend tensorrt", "--repository /repository"):
+    for part in ("distrifusion build", "--recipe ${RECIPE:-build/sdxl-1024-8gpu.toml}", "--model /models/sdxl", "--backend tensorrt", "--repository /repository"):
         assert part in command
     assert {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]} in _gpu_devices(build)
+    assert (REPO / "build" / "sdxl-1024-8gpu.toml").is_file()  # the default recipe ships in the image
     # the build writes where triton reads
     triton_mounts, build_mounts = _mount_targets(triton), _mount_targets(build)
     for target, source in build_mounts.items():

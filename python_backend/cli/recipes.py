@@ -86,5 +86,11 @@ def _typed(path, key, value, kind):
 def apply_recipe(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
     """Parses ``argv`` again with the recipe's values as the build command's defaults."""
     build_parser = parser.subcommand_parsers[args.command]
-    build_parser.set_defaults(**read_recipe(args.recipe))
+    values = read_recipe(args.recipe)
+    keys = {dest: key for key, (dest, _) in KEYS.items()}
+    for action in build_parser._actions:  # argparse checks choices of flags, not of defaults
+        if action.choices is not None and action.dest in values and values[action.dest] not in action.choices:
+            raise RecipeError(f"{args.recipe}: {keys[action.dest]!r} is {values[action.dest]!r}; "
+                              f"allowed: {', '.join(map(str, action.choices))}")
+    build_parser.set_defaults(**values)
     return parser.parse_args(argv)

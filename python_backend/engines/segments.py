@@ -167,6 +167,12 @@ class SegmentIO:
     def gather(self, key, tensor, shapes):
         raise RuntimeError(f"{key}: a blocking exchange cannot run inside a segment engine")
 
+    def drain(self) -> None:
+        """Nothing is in flight inside a segment."""
+
+    def reset(self) -> None:
+        self.fresh.clear()
+
 
 @dataclass
 class ShapeRecorder:
@@ -189,3 +195,9 @@ class ShapeRecorder:
 
     def flush(self):
         """Nothing is queued."""
+
+    def drain(self):
+        """Nothing is in flight."""
+
+    def reset(self):
+        """The recorded shapes stay: they are what this stand-in is for."""
