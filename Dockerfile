@@ -10,12 +10,23 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/distrifusion
+# Dependency layer first, from pyproject.toml alone, so an edit to the source does not reinstall torch: the
+# pinned [project].dependencies plus the gpu extra (TensorRT Python bindings and Polygraphy for engine
+# builds; the image's own TensorRT libraries serve only Triton's TensorRT backend). Never the server extra
+# (nvidia-pytriton): the image has its own tritonserver and Python backend. The image's Python is the
+# system one (PEP 668), hence --break-system-packages.
+COPY pyproject.toml ./
+RUN python3 -c 'import subprocess, sys, tomllib; \
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+deps = project["dependencies"] + project["optional-dependencies"]["gpu"]; \
+subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-cache-dir", "--break-system-packages", *deps])'
+
+# Then the project itself, non-editable: the package and its data (model-repository templates, perf
+# inputs) go into site-packages. The source tree stays here for the build recipes in build/ and the
+# engine cache in build/out/engines (see docker-compose.yml).
 COPY . .
-# Pinned dependencies from pyproject.toml plus the gpu extra (TensorRT Python bindings and Polygraphy for
-# engine builds; the image's own TensorRT libraries serve only Triton's TensorRT backend). Editable, so
-# the source tree (model_repository/ templates, clients/) stays where the package looks for it. The image's
-# Python is the system one (PEP 668), hence --break-system-packages.
-RUN python3 -m pip install --no-cache-dir --break-system-packages -e ".[gpu]"
+RUN python3 -m pip install --no-cache-dir --break-system-packages --no-deps . \
+    && rm -rf build/lib build/bdist.* *.egg-info
 
 ENV HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false

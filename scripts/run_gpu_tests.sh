@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/python -m pip install -q -e ".[test,gpu]"
+.venv/bin/python -m pip install -q -e ".[test,gpu,server]"
 exec .venv/bin/python -m pytest -q -rs -m gpu "$@"

@@ -10,7 +10,8 @@ echo "setting up .venv with $($PYTHON --version) ..."
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and exact: a looser spec would pull a multi-GB CUDA build on a CPU machine.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]"
+# server: nvidia-pytriton, the local tritonserver that the quick start and the serving tests start.
+.venv/bin/python -m pip install -q -e ".[test,server]"
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "setup done"

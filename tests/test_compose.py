@@ -2,8 +2,10 @@
 and (where the docker compose CLI exists) compose itself accepts the file."""
 
 import re
+import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -140,7 +142,82 @@ def test_dockerfile_base_is_pinned():
     for words in bases:
         image = next(word for word in words[1:] if not word.startswith("--"))
         assert _is_pinned(image), image
-    assert '".[gpu]"' in dockerfile or ".[gpu]" in dockerfile
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, comments dropped and backslash continuations joined as Docker does."""
+    instructions, pending = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        keyword, _, arguments = (pending + line).strip().partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    assert not pending, "the Dockerfile ends in a continuation"
+    return instructions
+
+
+def _index(instructions, predicate, what) -> int:
+    found = [i for i, instruction in enumerate(instructions) if predicate(*instruction)]
+    assert found, f"no {what} in the Dockerfile"
+    return found[0]
+
+
+def _dependency_install_code(instructions) -> str:
+    """The inline Python of the dependency layer's ``python3 -c '...'``."""
+    for keyword, arguments in instructions:
+        if keyword == "RUN" and "tomllib" in arguments:
+            words = shlex.split(arguments)
+            return words[words.index("-c") + 1]
+    raise AssertionError("no RUN python3 -c '... tomllib ...' (dependency layer) in the Dockerfile")
+
+
+def test_image_installs_the_project_non_editable():
+    runs = [arguments for keyword, arguments in _dockerfile_instructions() if keyword == "RUN"]
+    installs = [run for run in runs if re.search(r"pip install\b.*\s\.(\s|$)", run)]
+    assert installs, "no `pip install ... .` of the project in the Dockerfile"
+    for run in installs:
+        assert "--no-deps" in run, run  # the dependencies come from their own layer
+    for run in runs:
+        assert not re.search(r"pip install\b.*(\s-e\s|--editable)", run), run
+
+
+def test_dependency_layer_comes_before_the_source():
+    """Only pyproject.toml is copied before the dependencies install: an edit to the source does not reinstall
+    torch. The source comes after, with the project's own (no-deps) install."""
+    instructions = _dockerfile_instructions()
+    copy_pyproject = _index(instructions, lambda k, a: k == "COPY" and a.split() == ["pyproject.toml", "./"],
+                            "COPY pyproject.toml ./")
+    dependencies = _index(instructions, lambda k, a: k == "RUN" and "tomllib" in a, "dependency RUN")
+    copy_source = _index(instructions, lambda k, a: k == "COPY" and a.split() == [".", "."], "COPY . .")
+    project = _index(instructions, lambda k, a: k == "RUN" and "--no-deps" in a, "project RUN")
+    assert copy_pyproject < dependencies < copy_source < project
+    copies_before = [a for k, a in instructions[:copy_source] if k in ("COPY", "ADD")]
+    assert copies_before == ["pyproject.toml ./"], copies_before
+
+
+def test_dependency_layer_installs_the_pins_and_the_gpu_extra_but_not_the_server_extra(tmp_path, monkeypatch):
+    """Runs the Dockerfile's inline Python on this pyproject.toml with pip stubbed out: it asks for exactly the
+    base dependencies plus the gpu extra. nvidia-pytriton (the server extra) never goes into the image, which
+    has its own tritonserver."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(dep.startswith("nvidia-pytriton") for dep in pyproject["dependencies"])
+    assert pyproject["optional-dependencies"]["server"] == ["nvidia-pytriton==0.7.0"]
+    code = _dependency_install_code(_dockerfile_instructions())
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", lambda args, *a, **k: calls.append(list(args)) or 0)
+    exec(compile(code, "Dockerfile RUN python3 -c", "exec"), {"__name__": "__main__"})
+    assert len(calls) == 1 and calls[0][1:4] == ["-m", "pip", "install"], calls
+    requirements = [arg for arg in calls[0][4:] if not arg.startswith("-")]
+    assert requirements == pyproject["dependencies"] + pyproject["optional-dependencies"]["gpu"]
+    assert "--break-system-packages" in calls[0]
+    text = " ".join(arguments for _, arguments in _dockerfile_instructions())
+    assert "pytriton" not in text and "server]" not in text and ",server" not in text
 
 
 def test_pin_check_rejects_floating_tags():

@@ -126,7 +126,8 @@ def find_tritonserver() -> Path:
     wheel = _wheel_tritonserver_dir()
     if wheel is not None and (wheel / "bin" / "tritonserver").is_file():
         return wheel / "bin" / "tritonserver"
-    raise ServerError("tritonserver not found: install nvidia-pytriton (pip install nvidia-pytriton==0.7.0) "
+    raise ServerError("tritonserver not found: install the server extra (pip install 'distrifusion-triton[server]', "
+                      "which brings nvidia-pytriton==0.7.0) "
                       "or run inside an NGC tritonserver container")
 
 
