@@ -63,3 +63,76 @@ def test_generate_on_two_ranks_writes_image_and_latents(tiny_sdxl, tmp_path):
     assert image.shape == (192, 128, 3) and image.dtype == np.uint8 and image.std() > 0
     array = np.load(latents)
     assert array.shape == (1, 4, 24, 16) and array.dtype == np.float32
+
+
+# --- build recipes (distrifusion build --recipe FILE) ----------------------------------------------
+
+
+def _served_settings(repository):
+    """The settings the served denoiser will read, parsed from the filled config as Triton would."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from python_backend.serving.settings import ServingSettings
+
+    config = text_format.Parse((repository / "denoiser" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return ServingSettings.from_model_config(json_format.MessageToJson(config, preserving_proto_field_name=True))
+
+
+def _recipe(tmp_path, model, repository, top="", served=""):
+    path = tmp_path / "deploy.toml"
+    path.write_text(f"""\
+model = "{model}"
+height = 128
+width = 256
+ranks = 2
+backend = "torch"
+mode = "sync_gn"
+warmup_steps = 1
+split_cfg = false
+repository = "{repository}"
+{top}
+[served]
+steps = 3
+guidance = 4.5
+scheduler = "ddim"
+{served}
+""")
+    return path
+
+
+def test_build_recipe_values_are_used(tiny_sdxl, tmp_path, capsys):
+    repository = tmp_path / "repository"
+    assert _run(["build", "--recipe", str(_recipe(tmp_path, tiny_sdxl, repository))]) == 0
+    assert f"model repository ready at {repository}" in capsys.readouterr().out
+    settings = _served_settings(repository)
+    assert (settings.model_dir, settings.sizes, settings.ranks, settings.engine, settings.mode, settings.warmup_steps,
+            settings.split_cfg) == (str(tiny_sdxl.resolve()), "128x256", 2, "torch", "sync_gn", 1, False)
+    assert (settings.default_steps, settings.default_guidance, settings.default_scheduler,
+            settings.default_height, settings.default_width) == (3, 4.5, "ddim", 128, 256)
+
+
+def test_build_flags_override_the_recipe(tiny_sdxl, tmp_path):
+    repository = tmp_path / "repository"
+    recipe = _recipe(tmp_path, tiny_sdxl, tmp_path / "not-this-one")
+    assert _run(["build", "--recipe", str(recipe), "--repository", str(repository), "--steps", "7",
+                 "--height", "256", "--mode", "stale_gn", "--scheduler", "euler-a"]) == 0
+    assert not (tmp_path / "not-this-one").exists()
+    settings = _served_settings(repository)
+    assert (settings.default_steps, settings.sizes, settings.mode, settings.default_scheduler) == \
+        (7, "256x256", "stale_gn", "euler-a")
+    assert (settings.ranks, settings.default_guidance, settings.split_cfg) == (2, 4.5, False)  # the recipe's
+
+
+@pytest.mark.parametrize("top, served, message", [
+    ('colour = "red"', "", "unknown key 'colour'"),
+    ("", 'sheduler = "ddim"', "unknown key 'served.sheduler'"),
+    ("num_images = \"two\"", "", "'num_images' must be an integer, got 'two'"),
+])
+def test_build_recipe_errors_name_the_key(tiny_sdxl, tmp_path, capsys, top, served, message):
+    recipe = _recipe(tmp_path, tiny_sdxl, tmp_path / "repository", top=top, served=served)
+    assert _run(["build", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("distrifusion build: error: --recipe: "), err
+    assert message in err[0], err[0]
+    assert not (tmp_path / "repository").exists()

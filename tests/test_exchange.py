@@ -1,5 +1,8 @@
 """The transport alone, on a real multi-process gloo group."""
 
+import math
+
+import pytest
 import torch
 
 from python_backend.core.exchange import BufferExchange
@@ -34,11 +37,17 @@ def _exchange_job(ranks):
     bundled = {k: [t.clone() for t in exchange.latest(k)] for k in "cde"}
     exchange.drain()
     events = [(e.key, e.kind, e.step, e.started_step) for e in exchange.events]
-    return [t.clone() for t in blocking], [t.clone() for t in delayed], again is delayed, events, bundled
+    followed = _follow_job(ranks)
+    return [t.clone() for t in blocking], [t.clone() for t in delayed], again is delayed, events, bundled, followed
 
 
-def test_unequal_gather_blocking_and_async():
-    blocking, delayed, cached, events, bundled = run_on_ranks(3, _exchange_job)
+@pytest.fixture(scope="module")
+def three_ranks():
+    return run_on_ranks(3, _exchange_job)  # one rank group serves every test here
+
+
+def test_unequal_gather_blocking_and_async(three_ranks):
+    blocking, delayed, cached, events, bundled, _ = three_ranks
     for r in range(3):
         assert blocking[r].shape == (2, r + 1, 3)
         assert torch.all(blocking[r] == r)
@@ -52,8 +61,67 @@ def test_unequal_gather_blocking_and_async():
     assert sorted((k, kind) for k, kind, *_ in events[3:6]) == [("c", "started"), ("d", "started"), ("e", "started")]
 
 
+STEPS = 4
+
+
+def _published(rank: int, step: int, shape) -> torch.Tensor:
+    """What ``rank`` publishes at ``step``: distinct in every element, rank and step."""
+    return torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape) + 1000.0 * step + 100.0 * rank
+
+
+def _follow_a_buffer(exchange, rank, size, shapes):
+    """Publishes a fresh buffer every step and reads the stale one (as a layer in an asynchronous step
+    does), plus a blocking key; returns what was read at each step."""
+    stale_reads, blocking_reads = [], []
+    exchange.reset()
+    for step in range(STEPS):
+        exchange.step = step
+        stale = exchange.latest("halo")  # the collective started in the previous step
+        stale_reads.append(None if stale is None else [t.clone() for t in stale])
+        exchange.start("halo", _published(rank, step, shapes[rank]), shapes)
+        exchange.flush()
+        blocking_reads.append([t.clone() for t in exchange.gather("norm", _published(rank, step, shapes[rank]) * -1,
+                                                                  shapes)])
+    exchange.drain()
+    return stale_reads, blocking_reads
+
+
+def _follow_job(ranks):
+    import torch.distributed as dist
+
+    size = ranks.world_size
+    exchange = BufferExchange(dist.group.WORLD, ranks.rank, size)
+    reads = _follow_a_buffer(exchange, ranks.rank, size, _shapes(size))
+    everyone = [None] * size
+    dist.all_gather_object(everyone, reads)  # what every rank read, so rank 0 can return it all
+    return everyone
+
+
+def _check_reads(reads_per_rank, size):
+    shapes = _shapes(size)
+    for reader, (stale_reads, blocking_reads) in enumerate(reads_per_rank):
+        assert stale_reads[0] is None, "nothing is stale before the first step published"
+        for step in range(STEPS):
+            for publisher in range(size):
+                # blocking: this step's value; stale: exactly what the publisher sent one step earlier
+                expected_now = _published(publisher, step, shapes[publisher]) * -1
+                assert torch.equal(blocking_reads[step][publisher], expected_now), (reader, step, publisher)
+                if step:
+                    expected = _published(publisher, step - 1, shapes[publisher])
+                    got = stale_reads[step][publisher]
+                    assert got.shape == expected.shape and torch.equal(got, expected), (reader, step, publisher)
+
+
+def test_stale_reads_are_the_previous_steps_publications_on_every_rank(three_ranks):
+    reads = three_ranks[-1]
+    assert len(reads) == 3
+    _check_reads(reads, 3)
+
+
 def test_single_rank_needs_no_process_group():
     exchange = BufferExchange(None, 0, 1)
-    t = torch.ones(2, 2)
-    assert exchange.gather("k", t, [(2, 2)])[0] is not None
+    t = torch.arange(4.0).reshape(2, 2)
+    (got,) = exchange.gather("k", t, [(2, 2)])
+    assert torch.equal(got, t)
     assert exchange.latest("missing") is None
+    _check_reads([_follow_a_buffer(exchange, 0, 1, _shapes(1))], 1)

@@ -7,7 +7,6 @@ from conftest import relative_l2
 from python_backend.core.denoise import GenerationRequest
 from python_backend.core.parallel import ParallelConfig
 from python_backend.cli.generate_job import GenerationJob, run_generation_job
-from python_backend.core.model import make_scheduler
 from python_backend.core.modes import Mode
 from python_backend.core.ranks import RankGroup
 
@@ -17,10 +16,26 @@ def _ours(model, request, mode=Mode.CORRECTED_ASYNC_GN):
     return run_generation_job(RankGroup.single(), job)[0].latents
 
 
+def _diffusers_scheduler(name, config):
+    """The scheduler a diffusers user picks for each of our names, built with diffusers' own classes
+    (not through the project's mapping, which is what is under test)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    if name == "dpmpp-2m":  # DPM-Solver++ (2M): second-order multistep, diffusers' documented recipe
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler}
+    return classes[name].from_config(config)
+
+
 def _diffusers(pipeline_class, model, request):
     pipe = pipeline_class.from_pretrained(str(model))
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+    pipe.scheduler = _diffusers_scheduler(request.scheduler, pipe.scheduler.config)
     return pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,

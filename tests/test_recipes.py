@@ -61,3 +61,10 @@ def test_a_missing_recipe_is_a_usage_error(tmp_path, capsys):
 
     assert main(["build", "--recipe", str(tmp_path / "none.toml")]) == 2
     assert "--recipe: no recipe file at" in capsys.readouterr().err
+
+
+def test_split_cfg_can_be_turned_back_on_over_a_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "m"\nsplit_cfg = false\n')
+    assert _parse_with(recipe).no_split_cfg is True
+    assert _parse_with(recipe, "--split-cfg").no_split_cfg is False

@@ -102,7 +102,7 @@ def alive(pid: int) -> bool:
 def echo_server(tmp_path_factory):
     server = start_echo_server(tmp_path_factory.mktemp("triton"))
     try:
-        server.wait_ready(timeout=60)
+        server.wait_ready(timeout=120)
         yield server
     finally:
         server.stop()
@@ -137,12 +137,45 @@ def start_echo_server(root: Path, *extra_args: str) -> srv.TritonServer:
     return server
 
 
-def test_environment_for_the_stub():
+# Computed here, not by the code under test: the checkout holding this file's tests/ folder.
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def test_environment_for_the_stub(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/already/there")
+    monkeypatch.setenv("PYTHONPATH", "/srv/user/path")
     env = srv.server_environment()
-    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == sysconfig.get_config_var("LIBDIR")
-    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
-    assert env[srv.PYTHON_ENV_VAR] == sys.executable
-    assert env[srv.PROJECT_ROOT_ENV_VAR] == str(srv.PROJECT_ROOT)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+    # The interpreter's own libpython comes first (the stub links it by name), the wheel's libraries
+    # next, and what the caller had is kept after them.
+    libs = env["LD_LIBRARY_PATH"].split(os.pathsep)
+    assert libs[0] == sysconfig.get_config_var("LIBDIR")
+    assert (Path(libs[0]) / f"libpython{version}.so.1.0").is_file()
+    pytriton = Path(importlib.util.find_spec("pytriton").origin).parent
+    assert libs[1] == str(pytriton.parent / "nvidia_pytriton.libs")
+    assert any(name.startswith("libtritonserver") for name in os.listdir(libs[1]))
+    assert libs[-1] == "/opt/already/there" and len(libs) == len(set(libs))
+
+    # The venv's bin folder first on PATH: the stub finds this venv's python3 (and its pyvenv.cfg).
+    first_bin = Path(env["PATH"].split(os.pathsep)[0])
+    assert first_bin == Path(sys.executable).parent
+    assert (first_bin / "python3").exists() and (first_bin.parent / "pyvenv.cfg").is_file()
+
+    # Worker processes import the project (the folder holding python_backend) and the venv's packages.
+    pythonpath = env["PYTHONPATH"].split(os.pathsep)
+    assert pythonpath[0] == str(CHECKOUT)
+    assert (CHECKOUT / "python_backend" / "__init__.py").is_file()
+    assert Path(importlib.util.find_spec("python_backend").origin).parent.parent == CHECKOUT
+    assert str(Path(torch.__file__).parent.parent) in pythonpath
+    assert pythonpath[-1] == "/srv/user/path"
+
+    assert env["DISTRIFUSION_PYTHON"] == sys.executable
+    assert env["DISTRIFUSION_PROJECT_ROOT"] == str(CHECKOUT)
 
 
 def test_echo_over_http_and_grpc_with_metrics(echo_server):
@@ -187,7 +220,7 @@ def test_stop_kills_what_an_unclean_exit_leaves(tmp_path):
 
     server = start_echo_server(tmp_path, "--exit-timeout-secs=1")
     try:
-        server.wait_ready(timeout=60)
+        server.wait_ready(timeout=120)
         _, child = infer_http(server.urls["http"], "hello")
         client = httpclient.InferenceServerClient(server.urls["http"])
         assert client.is_server_live()  # this open connection makes the server give up unloading

@@ -85,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--precision", choices=("fp16", "fp32"), default=None,
                      help="default: fp16 for tensorrt, fp32 for onnxruntime")
     bld.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
-    bld.add_argument("--no-split-cfg", action="store_true")
+    bld.add_argument("--no-split-cfg", action="store_true", help="every rank runs both guidance halves")
+    bld.add_argument("--split-cfg", action="store_false", dest="no_split_cfg",
+                     help="split the guidance halves over two rank groups (the default; overrides a recipe's "
+                          "split_cfg = false)")
     bld.add_argument("--guidance", type=float, default=defaults.DEFAULT_GUIDANCE,
                      help="> 1 builds for a guided (CFG) batch; also the served default guidance")
     bld.add_argument("--num-images", type=int, default=1)
