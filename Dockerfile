@@ -32,4 +32,6 @@ ENV HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false
 
 EXPOSE 8000 8001 8002
-CMD ["distrifusion", "serve", "--repository", "/repository", "--ready-timeout", "900"]
+# Inside the container the server listens on every interface (the published ports need it); who
+# can reach them is decided where the ports are published (docs/security.md).
+CMD ["distrifusion", "serve", "--repository", "/repository", "--host", "0.0.0.0", "--ready-timeout", "900"]

@@ -57,8 +57,7 @@ def main() -> None:
 
     from python_backend.client import generate
     from python_backend.serving.client_commands import read_perf_csv
-    from python_backend.serving.repository import fill_repository
-    from python_backend.serving.server import TritonServer, free_ports
+    from python_backend.serving.repository import serve_repository
     from python_backend.serving.settings import ServingSettings
 
     work = Path(tempfile.mkdtemp())
@@ -71,9 +70,7 @@ def main() -> None:
     settings = ServingSettings(model_dir=str(Path(model).resolve()), ranks=args.ranks,
                                sizes=f"{args.size}x{args.size}", default_steps=args.steps,
                                default_height=args.size, default_width=args.size)
-    repository = fill_repository(work / "repository", settings)
-    ports = free_ports(3)
-    with TritonServer(repository, *ports, host="127.0.0.1", workdir=work / "server") as server:
+    with serve_repository(settings, work) as server:
         url = server.urls["http"]
         served = []
         for i in range(args.repeats + 1):

@@ -48,19 +48,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from python_backend.client import generate
-    from python_backend.serving.repository import fill_repository
-    from python_backend.serving.server import TritonServer, free_ports
+    from python_backend.serving.repository import serve_repository
     from python_backend.serving.settings import ServingSettings
 
-    work = Path(tempfile.mkdtemp())
     model = model_or_tiny(args.model)
     settings = ServingSettings(model_dir=str(Path(model).resolve()), ranks=args.ranks, split_cfg=False,
                                sizes=f"{args.size}x{args.size}", default_steps=args.steps,
                                default_height=args.size, default_width=args.size)
-    repository = fill_repository(work / "repository", settings)
     shm_before = len(os.listdir("/dev/shm"))
     started = time.perf_counter()
-    with TritonServer(repository, *free_ports(3), host="127.0.0.1", workdir=work / "server") as server:
+    with serve_repository(settings, Path(tempfile.mkdtemp())) as server:
         url = server.urls["http"]
         for i in range(args.requests):
             generate(url, f"soak request {i}", seed=i)

@@ -39,3 +39,61 @@ def rank_workers(server) -> list[int]:
         except OSError:
             continue  # the process exited while we looked
     return workers
+
+
+TINY_SIZE = 128  # the tests' image size for the tiny model: a fraction of a second per step on 2 cores
+TINY_RANKS = 2
+
+
+def tiny_serving_settings(model, **overrides):
+    """Serving settings for the tiny model: 2 CPU ranks in one patch group, TINY_SIZE only."""
+    from python_backend.serving.settings import ServingSettings
+
+    values = dict(model_dir=str(model), ranks=TINY_RANKS, split_cfg=False, sizes=f"{TINY_SIZE}x{TINY_SIZE}",
+                  default_height=TINY_SIZE, default_width=TINY_SIZE)
+    return ServingSettings(**{**values, **overrides})
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie has exited already)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until_exited(pids, timeout: float = 60.0) -> None:
+    """Waits until every process of ``pids`` has exited completely: gone, or a zombie whose threads
+    have all ended, so that its parent's ``waitpid`` (``Process.is_alive``) sees it. A killed
+    process's main thread turns zombie while its other threads are still ending."""
+    import time
+
+    def ended(pid):
+        try:
+            return not alive(pid) and len(os.listdir(f"/proc/{pid}/task")) <= 1
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + timeout
+    while not all(ended(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"processes {list(pids)} did not end within {timeout:g} s"
+        time.sleep(0.01)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_busy(pid: int, cpu: float = 0.3, timeout: float = 120.0) -> None:
+    """Waits until process ``pid`` has used ``cpu`` more seconds of CPU time: a request has reached it
+    and it is computing (no guess at how long the way there takes on a busy machine)."""
+    import time
+
+    start, deadline = cpu_seconds(pid), time.monotonic() + timeout
+    while cpu_seconds(pid) - start < cpu:
+        assert time.monotonic() < deadline, f"process {pid} did not start computing within {timeout:g} s"
+        time.sleep(0.02)

@@ -1,46 +1,34 @@
 """The real tritonserver with the embedded model: ensemble over HTTP and gRPC, 2 CPU ranks behind it."""
 
-import os
 import subprocess
 import sys
 import urllib.request
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from python_backend.client import generate
-from conftest import rank_workers
+from conftest import TINY_RANKS as RANKS, TINY_SIZE as SIZE, alive, rank_workers, tiny_serving_settings
+from python_backend.core.defaults import DEFAULT_GUIDANCE, DEFAULT_MODE_NAME, DEFAULT_SCHEDULER, DEFAULT_SEED
 from python_backend.core.denoise import GenerationRequest
 from python_backend.core.parallel import ParallelConfig
 from python_backend.cli.generate_job import GenerationJob, run_generation_job
 from python_backend.core.modes import Mode
 from python_backend.core.ranks import run_on_ranks
-from python_backend.serving.repository import fill_repository
-from python_backend.serving.server import TritonServer, free_ports
-from python_backend.serving.settings import ServingSettings
+from python_backend.serving.repository import serve_repository
 
-SIZE, STEPS, RANKS, WARMUP = 128, 4, 2, 2
+pytestmark = pytest.mark.slow
+
+STEPS, WARMUP = 4, 2  # the served default steps and warm-up steps (unlike the defaults, to see them used)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_sdxl, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    settings = ServingSettings(model_dir=str(tiny_sdxl), ranks=RANKS, mode="corrected_async_gn",
-                               warmup_steps=WARMUP, split_cfg=False, sizes=f"{SIZE}x{SIZE}",
-                               default_steps=STEPS, default_height=SIZE, default_width=SIZE)
-    repository = fill_repository(root / "repository", settings)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    triton = TritonServer(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          host="127.0.0.1", workdir=root / "work")
-    triton.start()
-    try:
-        triton.wait_ready(240)
+    settings = tiny_serving_settings(tiny_sdxl, warmup_steps=WARMUP, default_steps=STEPS)
+    with serve_repository(settings, tmp_path_factory.mktemp("serving")) as triton:
         yield triton
-    finally:
-        triton.stop()
 
 
 def _urls(server):
@@ -49,20 +37,21 @@ def _urls(server):
 
 def _generate_in_process(model, world_size, **options):
     request = GenerationRequest(height=SIZE, width=SIZE, **options)
-    job = GenerationJob(str(model), [(request, ParallelConfig(Mode.CORRECTED_ASYNC_GN, WARMUP, False))],
+    job = GenerationJob(str(model), [(request, ParallelConfig(Mode(DEFAULT_MODE_NAME), WARMUP, False))],
                         decode=True, progress=False)
     return run_on_ranks(world_size, run_generation_job, (job,))[0].images[0]
 
 
 def test_http_and_grpc_images_equal_each_other_and_in_process_generation(server, tiny_sdxl):
     http_url, grpc_url = _urls(server)
-    options = dict(prompt="a photo of an astronaut riding a horse", seed=42, steps=STEPS, guidance_scale=5.0,
-                   scheduler="euler")
+    options = dict(prompt="a photo of an astronaut riding a horse", seed=42, steps=STEPS,
+                   guidance_scale=DEFAULT_GUIDANCE, scheduler=DEFAULT_SCHEDULER)
     over_http = generate(http_url, **options)
     over_grpc = generate(grpc_url, protocol="grpc", **options)
     assert over_http.shape == (SIZE, SIZE, 3) and over_http.dtype == np.uint8
     np.testing.assert_array_equal(over_http, over_grpc)
-    local = _generate_in_process(tiny_sdxl, RANKS, prompt=options["prompt"], seed=42, steps=STEPS, guidance=5.0)
+    local = _generate_in_process(tiny_sdxl, RANKS, prompt=options["prompt"], seed=42, steps=STEPS,
+                                 guidance=DEFAULT_GUIDANCE, scheduler=DEFAULT_SCHEDULER)
     np.testing.assert_array_equal(over_http, local)
 
 
@@ -74,10 +63,10 @@ def test_every_sent_input_takes_effect(server, tiny_sdxl):
     assert not np.array_equal(base, generate(http_url, "a red cube", seed=1, guidance_scale=2.0))
     assert not np.array_equal(base, generate(http_url, "a red cube", seed=1, scheduler="ddim"))
     assert not np.array_equal(base, generate(http_url, "a red cube", seed=1, negative_prompt="blue"))
-    # defaults come from the config: seed 0, STEPS steps, euler, guidance 5
+    # defaults come from the config: the default seed, scheduler and guidance, STEPS steps
     np.testing.assert_array_equal(generate(http_url, "a red cube"),
-                                  generate(http_url, "a red cube", seed=0, steps=STEPS,
-                                                       scheduler="euler", guidance_scale=5.0))
+                                  generate(http_url, "a red cube", seed=DEFAULT_SEED, steps=STEPS,
+                                           scheduler=DEFAULT_SCHEDULER, guidance_scale=DEFAULT_GUIDANCE))
 
 
 def _raw_infer(url, inputs):
@@ -124,13 +113,13 @@ def test_bad_input_is_named_and_the_server_keeps_serving(server, inputs, message
 
 def _ready(server) -> bool:
     http_url, _ = _urls(server)
-    with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=30) as response:
         return response.status == 200
 
 
 def test_metrics_include_triton_and_denoiser_figures(server):
     generate(_urls(server)[0], "a metric", steps=2)
-    with urllib.request.urlopen(server.urls["metrics"], timeout=5) as response:
+    with urllib.request.urlopen(server.urls["metrics"], timeout=30) as response:
         text = response.read().decode()
     assert 'nv_inference_request_success{model="pipeline"' in text
     for name in ("distrifusion_denoise_steps_total", "distrifusion_denoise_step_seconds_total",
@@ -156,36 +145,26 @@ def test_perf_analyzer_sweeps_concurrency_one_to_two(server, tmp_path):
     assert concurrency == ["1", "2"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited already
-        return stat.read().split(") ")[-1][0] != "Z"
-
-
 def test_stopping_the_server_leaves_no_worker(tiny_sdxl, tmp_path):
     import time
 
     from python_backend.serving.server import group_members
 
-    settings = ServingSettings(model_dir=str(tiny_sdxl), ranks=RANKS, split_cfg=False, sizes=f"{SIZE}x{SIZE}",
-                               default_steps=2, default_height=SIZE, default_width=SIZE)
-    repository = fill_repository(tmp_path / "repository", settings)
-    ports = free_ports(3)
-    triton = TritonServer(repository, *ports, host="127.0.0.1", workdir=tmp_path / "work").start()
-    try:
-        triton.wait_ready(240)
-        generate(f"127.0.0.1:{ports[0]}", "one request")
+    with serve_repository(tiny_serving_settings(tiny_sdxl, default_steps=2), tmp_path) as triton:
+        generate(triton.urls["http"], "one request")
         members = group_members(triton.pgid)
         assert len(rank_workers(triton)) == RANKS - 1, members
-    finally:
         started = time.monotonic()
-        triton.stop(timeout=10)
+        code = triton.stop(timeout=120)  # unloading five Python models takes seconds on a busy 2-core machine
         elapsed = time.monotonic() - started
-    assert [pid for pid in members if _alive(pid)] == []
-    assert elapsed < 10, f"SIGTERM took {elapsed:.1f} s to end the server and every worker"
+    assert [pid for pid in members if alive(pid)] == []
+    # a clean stop: every model unloaded (the denoiser's workers ended by its finalize), then the server
+    # exited by itself
+    assert code == 0, triton.log_tail()
+    assert "successfully unloaded 'denoiser'" in triton.log_path.read_text()
+    assert elapsed < 60, f"stopping took {elapsed:.1f} s to end the server and every worker"
+
+
 def test_concurrent_clients_get_exactly_their_solo_images(server):
     """8 clients at once, different prompts and seeds: no stale buffer leaks between requests."""
     from concurrent.futures import ThreadPoolExecutor

@@ -3,13 +3,23 @@
 Ranks talk through torch.distributed: NCCL between GPUs, gloo on CPU, the same code. With
 classifier-free guidance split, ranks [0, N/2) form the unconditional patch group and [N/2, N)
 the conditional one; otherwise all ranks form one patch group running the whole guided batch.
+
+Every rank of a group runs on this host, so nothing of the group listens beyond it: the ranks meet
+through a torch.distributed FileStore in a private folder (:class:`LocalRendezvous`, mode 0700), not
+a TCPStore (whose server listens on every interface whatever address it is given), and gloo and
+NCCL open their sockets on the loopback interface (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` =
+``lo`` unless the environment names another one).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import pickle
+import shutil
 import socket
+import tempfile
 from datetime import timedelta
 from dataclasses import dataclass, field
 
@@ -32,6 +42,46 @@ class PatchPlan:
     branch: int | None  # 0 unconditional, 1 conditional, None: the whole guided batch
 
 
+LOOPBACK_SOCKET_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+"""Variables naming the interface gloo and NCCL open their sockets on; ``lo`` for local groups
+unless already set."""
+LOOPBACK_INTERFACE = "lo"
+
+
+def use_loopback_sockets() -> None:
+    """Makes gloo and NCCL (in this process and those it starts) listen and connect on loopback only,
+    unless the user chose an interface."""
+    for name in LOOPBACK_SOCKET_ENV:
+        os.environ.setdefault(name, LOOPBACK_INTERFACE)
+
+
+@dataclass(frozen=True)
+class LocalRendezvous:
+    """Where the ranks of one group on this host meet: a FileStore in a private folder (mode 0700).
+
+    The process that creates it (``create``) removes it (``remove``); every rank gets a copy (it
+    pickles) and passes it to :meth:`RankGroup.join`. Use a new one for every group: a store file is
+    good for one process group only.
+    """
+
+    folder: str
+    owner: int  # pid of the creating process: the only one whose ``remove`` deletes the folder
+
+    @classmethod
+    def create(cls) -> "LocalRendezvous":
+        folder = tempfile.mkdtemp(prefix="distrifusion-ranks-")  # mode 0700
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # also when a start fails before joining
+        return cls(folder, os.getpid())
+
+    @property
+    def init_method(self) -> str:
+        return f"file://{os.path.join(self.folder, 'store')}"
+
+    def remove(self) -> None:
+        if os.getpid() == self.owner:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @dataclass
 class RankGroup:
     rank: int = 0
@@ -40,18 +90,21 @@ class RankGroup:
     halves: tuple | None = None  # the two CFG patch groups, when world_size is even and >= 2
     idle: object | None = None  # gloo, unbounded wait: workers wait here for the next request
     control: object | None = None  # gloo, bounded like the data groups: requests and step decisions
+    rendezvous: LocalRendezvous | None = None  # removed on close by the process that created it
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "RankGroup":
         return cls(device=torch.device(device))
 
     @classmethod
-    def join(cls, rank: int, world_size: int, address: str, port: int, device_kind: str = "cpu",
+    def join(cls, rank: int, world_size: int, rendezvous: LocalRendezvous, device_kind: str = "cpu",
              timeout_s: float | None = None) -> "RankGroup":
         """Joins (collectively) the process group; every rank calls this with the same arguments.
 
-        ``timeout_s`` bounds every collective of the data groups: a rank that died or hangs makes the
-        others fail after at most that long instead of waiting forever.
+        The ranks meet at ``rendezvous`` (a private FileStore: no listening socket) and talk over
+        loopback (:func:`use_loopback_sockets`). ``timeout_s`` bounds every collective of the data
+        groups: a rank that died or hangs makes the others fail after at most that long instead of
+        waiting forever.
         """
         timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
         if device_kind == "cuda":
@@ -59,9 +112,13 @@ class RankGroup:
             device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
-        dist.init_process_group(
-            backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size, timeout=timeout
-        )
+        use_loopback_sockets()
+        try:
+            dist.init_process_group(backend, init_method=rendezvous.init_method, rank=rank, world_size=world_size,
+                                    timeout=timeout)
+        except BaseException:
+            rendezvous.remove()
+            raise
         halves = None
         if world_size >= 2 and world_size % 2 == 0:
             half = world_size // 2
@@ -73,7 +130,8 @@ class RankGroup:
         control = dist.new_group(backend="gloo", timeout=timeout)
         if rank == 0:
             log.info("rank group of %d ready (%s)", world_size, backend)
-        return cls(rank=rank, world_size=world_size, device=device, halves=halves, idle=idle, control=control)
+        return cls(rank=rank, world_size=world_size, device=device, halves=halves, idle=idle, control=control,
+                   rendezvous=rendezvous)
 
     def plan(self, guided: bool, split_cfg: bool) -> PatchPlan:
         if self.world_size == 1:
@@ -88,6 +146,8 @@ class RankGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.rendezvous is not None:
+            self.rendezvous.remove()
 
 
 def free_port() -> int:
@@ -96,11 +156,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, device_kind, threads, job, args, results):
+def _rank_main(rank, world_size, rendezvous, device_kind, threads, job, args, results):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     if device_kind == "cpu":
         set_cpu_threads(world_size, threads)
-    group = RankGroup.join(rank, world_size, "127.0.0.1", port, device_kind)
+    group = RankGroup.join(rank, world_size, rendezvous, device_kind)
     try:
         result = job(group, *args)
         if rank == 0:
@@ -125,23 +185,26 @@ def run_on_ranks(world_size: int, job, args: tuple = (), device_kind: str = "cpu
 
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    port = free_port()
+    rendezvous = LocalRendezvous.create()
     log.info("starting %d rank processes (%s, %d thread(s) each)", world_size, device_kind,
              threads_per_rank(world_size, threads))
-    processes = mp.start_processes(
-        _rank_main,
-        args=(world_size, port, device_kind, threads, job, args, results),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    # Read while waiting: a large result would otherwise fill the pipe and block rank 0's exit.
-    received = []
-    while not processes.join(timeout=0.2):
+    try:
+        processes = mp.start_processes(
+            _rank_main,
+            args=(world_size, rendezvous, device_kind, threads, job, args, results),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        # Read while waiting: a large result would otherwise fill the pipe and block rank 0's exit.
+        received = []
+        while not processes.join(timeout=0.2):
+            if not received and not results.empty():
+                received.append(pickle.loads(results.get()))
         if not received and not results.empty():
             received.append(pickle.loads(results.get()))
-    if not received and not results.empty():
-        received.append(pickle.loads(results.get()))
+    finally:
+        rendezvous.remove()
     if not received:
         raise RuntimeError("rank 0 finished without a result")
     return received[0]

@@ -19,7 +19,7 @@ from ..core.devices import resolve_device_kind
 from ..core.model import Conditioning, ModelInfo
 from ..core.modes import Mode
 from ..core.parallel import ParallelConfig
-from .rank_service import RankService, RankServiceConfig
+from .rank_service import RankService, RankServiceConfig, warmup_requests
 from . import triton_io, validation
 from .settings import ServingSettings
 
@@ -36,6 +36,8 @@ class TritonPythonModel:
             device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None,
             python=os.environ.get("DISTRIFUSION_PYTHON") or _python_beside(sys.executable),
             rank_timeout_s=s.rank_timeout_s,
+            # every built size, shaped like a default request: no request pays a first call's costs
+            warmup=warmup_requests(s.built_sizes, s.default_guidance, s.default_scheduler),
         )
         self.service = RankService(config)
         self.sdxl = ModelInfo.read(s.model_dir).family == "sdxl"
@@ -80,6 +82,7 @@ class TritonPythonModel:
         guided = embeds.shape[0] == 2 * generation.num_images
         if guided != generation.guided:
             raise validation.InputError("the text encoder and the denoiser disagree on guidance; check 'guidance_scale'")
+        self.service.ensure_ready()  # a restart after a worker died while idle is not this request's time
         started = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s
         cancelled = getattr(request, "is_cancelled", lambda: False)
@@ -105,6 +108,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.service.close()
+        triton_io.log_finalized("denoiser")
 
 
 def _python_beside(executable: str) -> str | None:

@@ -4,22 +4,33 @@ Rank 0 lives in the calling process (the Triton model instance); ranks 1..N-1 ar
 it starts, one per device. Each request is broadcast to every rank over gloo control groups, all
 ranks generate together, and rank 0 returns the result. ``close`` tells the workers to leave and
 makes sure they are gone. Nothing here knows about Triton.
+
+Starting (and restarting) the group is not done until every rank has loaded its model and the whole
+group has run the warm-up generations: every first-call cost (loading, allocation, kernel selection
+for a shape) is paid there, never by a request. Each worker reports over a pipe of its own when it
+is about to join the process group and when its model is loaded (or why it could not), so rank 0
+waits for slow process starts and model loads with ``start_timeout_s`` and sees a worker that dies
+meanwhile at once, while ``rank_timeout_s`` stays the bound of every collective of a request.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-from dataclasses import dataclass, field
+import multiprocessing.connection
+import time
+import traceback
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
+from ..core.defaults import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_SCHEDULER, DEFAULT_WIDTH
 from ..core.denoise import GenerationCancelled, GenerationRequest, GenerationResult, PatchParallelDenoiser
 from ..core.devices import set_cpu_threads
 from ..core.model import Conditioning
 from ..core.parallel import ParallelConfig
-from ..core.ranks import RankGroup, free_port
+from ..core.ranks import LocalRendezvous, RankGroup
 from ..engines.loader import load_denoiser
 
 log = logging.getLogger("distrifusion.rank_service")
@@ -37,6 +48,19 @@ class RankServiceConfig:
     threads: int | None = None  # CPU threads per rank (default: cores / ranks)
     python: str | None = None  # interpreter for worker processes (default: this one)
     rank_timeout_s: float = 60.0  # longest any collective may wait for another rank (a dead or hung rank)
+    start_timeout_s: float = 600.0  # longest a worker may take to start and load its model
+    # Generations the whole group runs before it takes requests (on every start and restart), so that
+    # no request pays a first call's costs; None: one at the default size (see ``warmup_requests``).
+    warmup: tuple[GenerationRequest, ...] | None = None
+
+
+def warmup_requests(sizes=((DEFAULT_HEIGHT, DEFAULT_WIDTH),), guidance: float = DEFAULT_GUIDANCE,
+                    scheduler: str = DEFAULT_SCHEDULER) -> tuple[GenerationRequest, ...]:
+    """One short generation per size, shaped like the requests to come (guidance decides the batch):
+    two steps, run with one synchronous warm-up step, so both the synchronous and the asynchronous
+    step paths (and their engines) run once."""
+    return tuple(GenerationRequest("warm-up", height=h, width=w, steps=2, guidance=guidance, scheduler=scheduler)
+                 for h, w in sizes)
 
 
 class RankGroupFailed(RuntimeError):
@@ -49,10 +73,21 @@ def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
     return load_denoiser(config.model, ranks, config.parallel, config.dtype, config.engine, config.engine_dir)
 
 
-def _worker_main(rank: int, port: int, config: RankServiceConfig) -> None:
+JOINING, LOADED = "joining", "loaded"  # what a worker reports to rank 0 while it starts
+
+
+def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConfig, report) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
-    ranks = RankGroup.join(rank, config.world_size, "127.0.0.1", port, config.device_kind, config.rank_timeout_s)
-    denoiser = _load(config, ranks)
+    try:
+        report.send(JOINING)
+        ranks = RankGroup.join(rank, config.world_size, rendezvous, config.device_kind,
+                               config.rank_timeout_s)
+        denoiser = _load(config, ranks)
+    except BaseException:
+        report.send(traceback.format_exc())
+        raise
+    report.send(LOADED)
+    report.close()
     try:
         while True:
             if not _next_request_signalled(ranks):
@@ -84,47 +119,112 @@ class RankService:
         self.config = config
         self.workers: list[multiprocessing.Process] = []
         self.denoiser = None
+        self.ranks = RankGroup.single()
         self.restarts = 0
+        self.last_start_s = 0.0  # how long the last (re)start took, warm-up included
+        self._group_ok = False  # False after a start that failed: the next request restarts the group
         self._start_group()
-        log.info("rank group of %d ready to serve", config.world_size)
 
     def _start_group(self) -> None:
+        """Starts the workers, joins the group, loads rank 0's model (once) and waits until every rank
+        has loaded its own; then the group runs the warm-up generations. Undone if any of it fails."""
         config = self.config
-        if config.world_size == 1:
-            self.ranks = RankGroup.single("cuda" if config.device_kind == "cuda" else "cpu")
-        else:
-            context = multiprocessing.get_context("spawn")
-            if config.python:
-                context.set_executable(config.python)
-            port = free_port()
-            log.info("starting %d rank worker process(es) for a group of %d", config.world_size - 1, config.world_size)
-            self.workers = []
-            for rank in range(1, config.world_size):
-                worker = context.Process(target=_worker_main, args=(rank, port, config), daemon=True,
-                                         name=f"distrifusion-rank-{rank}")
-                worker.start()
-                self.workers.append(worker)
-            self.ranks = RankGroup.join(0, config.world_size, "127.0.0.1", port, config.device_kind,
-                                        config.rank_timeout_s)
-        if self.denoiser is None:
-            self.denoiser = _load(config, self.ranks)
-        else:  # a restart: rank 0 keeps its loaded model and joins the new group
-            self.denoiser.rejoin(self.ranks)
+        started, reports = time.perf_counter(), []
+        try:
+            if config.world_size == 1:
+                self.ranks = RankGroup.single("cuda" if config.device_kind == "cuda" else "cpu")
+            else:
+                reports = self._start_workers()
+                self._await_workers(reports, JOINING)  # process start and imports: not bounded by rank_timeout_s
+                self.ranks = RankGroup.join(0, config.world_size, self._rendezvous, config.device_kind,
+                                            config.rank_timeout_s)
+            if self.denoiser is None:
+                self.denoiser = _load(config, self.ranks)
+            else:  # a restart: rank 0 keeps its loaded model and joins the new group
+                self.denoiser.rejoin(self.ranks)
+            if self.workers:
+                self._await_workers(reports, LOADED)  # the workers load while rank 0 does
+            loaded = time.perf_counter()
+            self._warm_up()
+        except BaseException:
+            self._stop_workers(kill=True)
+            self.ranks.close()
+            raise
+        finally:
+            for report in reports:
+                report.close()
+        self._group_ok = True
+        self.last_start_s = time.perf_counter() - started
+        log.info("rank group of %d ready to serve: started in %.1f s (warm-up %.1f s)", config.world_size,
+                 self.last_start_s, time.perf_counter() - loaded)
+
+    def _start_workers(self) -> list:
+        config = self.config
+        context = multiprocessing.get_context("spawn")
+        if config.python:
+            context.set_executable(config.python)
+        self._rendezvous = LocalRendezvous.create()  # removed by rank 0's ranks.close()
+        log.info("starting %d rank worker process(es) for a group of %d", config.world_size - 1, config.world_size)
+        self.workers, reports = [], []
+        for rank in range(1, config.world_size):
+            receive, send = context.Pipe(duplex=False)
+            worker = context.Process(target=_worker_main, args=(rank, self._rendezvous, config, send), daemon=True,
+                                     name=f"distrifusion-rank-{rank}")
+            worker.start()
+            send.close()  # the worker holds the only send end: its exit reads as end of file
+            self.workers.append(worker)
+            reports.append(receive)
+        return reports
+
+    def _await_workers(self, reports: list, wanted: str) -> None:
+        """Waits (up to ``start_timeout_s``) for every worker to report ``wanted``; raises with the reason
+        as soon as one reports a failure or exits."""
+        deadline = time.monotonic() + self.config.start_timeout_s
+        waiting = dict(enumerate(zip(reports, self.workers), start=1))
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"rank worker(s) {sorted(waiting)} did not report {wanted!r} within "
+                                   f"{self.config.start_timeout_s:g} s")
+            objects = [o for report, worker in waiting.values() for o in (report, worker.sentinel)]
+            multiprocessing.connection.wait(objects, timeout=left)
+            for rank, (report, worker) in list(waiting.items()):
+                if report.poll():
+                    try:
+                        message = report.recv()
+                    except EOFError:
+                        message = None
+                    if message == wanted:
+                        del waiting[rank]
+                        continue
+                    if message is None:
+                        raise RuntimeError(f"rank worker {rank} exited (code {worker.exitcode}) before it was {wanted}")
+                    raise RuntimeError(f"rank worker {rank} failed to start:\n{message}")
+                if not worker.is_alive():
+                    raise RuntimeError(f"rank worker {rank} exited (code {worker.exitcode}) before it was {wanted}")
+
+    def _warm_up(self) -> None:
+        requests = warmup_requests() if self.config.warmup is None else self.config.warmup
+        parallel = replace(self.config.parallel, warmup_steps=1)  # one synchronous step, then asynchronous ones
+        for request in requests:
+            self._run(request, parallel)
+
+    def _run(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None = None,
+             on_step=None, should_stop=None) -> GenerationResult:
+        if self.workers:
+            _signal(self.ranks, more=True)  # tiny: never blocks on a stuck worker
+            dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
+        return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop,
+                                      stoppable=True)
 
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
                  parallel: ParallelConfig | None = None, on_step=None, should_stop=None) -> GenerationResult:
         """Runs one request on every rank. A rank that died (before or during it) or hangs longer than
         ``rank_timeout_s`` fails this request with ``RankGroupFailed`` after the group is restarted."""
         parallel = parallel or self.config.parallel
-        dead = self._dead_workers()
-        if dead:
-            self._restart(f"rank worker(s) {dead} had exited")
+        self.ensure_ready()
         try:
-            if self.workers:
-                _signal(self.ranks, more=True)  # tiny: never blocks on a stuck worker
-                dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
-            return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop,
-                                          stoppable=True)
+            return self._run(request, parallel, cond, on_step, should_stop)
         except GenerationCancelled:
             raise  # the group is intact: every rank stopped at the same step
         except Exception as error:
@@ -136,11 +236,24 @@ class RankService:
             raise RankGroupFailed(f"the request failed because {reason}; the rank group was restarted, "
                                   "retry the request") from error
 
+    def ensure_ready(self) -> None:
+        """Restarts the group if a worker has exited since the last request (or the last start failed);
+        returns once the group is loaded and warm. ``generate`` calls it first; a caller that times its
+        requests calls it before it starts the clock, so that a restart does not count as denoising."""
+        if not self._group_ok:
+            self._restart("the last start of the rank group failed")
+        dead = self._dead_workers()
+        if dead:
+            self._restart(f"rank worker(s) {dead} had exited")
+
     def _dead_workers(self) -> list[int]:
         return [rank for rank, w in enumerate(self.workers, start=1) if not w.is_alive()]
 
     def _restart(self, reason: str) -> None:
+        """Replaces the group; returns once the new one is loaded and warm (before the failed request
+        returns, so the next request finds a group as fast as ever)."""
         log.error("restarting the rank group: %s", reason)
+        self._group_ok = False
         self._stop_workers(kill=True)
         self.ranks.close()
         self.restarts += 1

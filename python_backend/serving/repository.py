@@ -1,12 +1,16 @@
-"""Fills a Triton model repository from the packaged templates with one deployment's settings."""
+"""Fills a Triton model repository from the packaged templates with one deployment's settings, and
+serves one on a local tritonserver (what the tests and benchmarks start)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
 import shutil
 from pathlib import Path
+from typing import Iterator, Sequence
 
+from .server import TritonServer, free_ports
 from .settings import ServingSettings
 
 log = logging.getLogger("distrifusion.repository")
@@ -35,3 +39,25 @@ def fill_repository(out: Path, settings: ServingSettings) -> Path:
     log.info("model repository ready at %s (%d rank(s), %s, sizes %s)", out, settings.ranks, settings.engine,
              settings.sizes)
     return out
+
+
+READY_TIMEOUT_S = 300.0  # loading five models and warming the rank group up on a busy 2-core machine
+
+
+@contextlib.contextmanager
+def serve_repository(settings: ServingSettings, workdir: Path, host: str = "127.0.0.1",
+                     extra_args: Sequence[str] = (), ready_timeout: float = READY_TIMEOUT_S,
+                     **server_options) -> Iterator[TritonServer]:
+    """A ready tritonserver on free ports over a repository filled with ``settings`` in ``workdir``
+    (``repository/``; the server's log and backends in ``server/``); stopped, with every process it
+    started, on leaving (stopping it earlier is fine). ``server_options``: more TritonServer arguments."""
+    workdir = Path(workdir)
+    repository = fill_repository(workdir / "repository", settings)
+    server = TritonServer(repository, *free_ports(3), host=host, workdir=workdir / "server", extra_args=extra_args,
+                          **server_options)
+    server.start()
+    try:
+        server.wait_ready(ready_timeout)
+        yield server
+    finally:
+        server.stop()

@@ -37,21 +37,48 @@ The environment the server and its Python backend stub need (:func:`server_envir
 
 Processes
 ---------
-:class:`TritonServer` starts ``tritonserver`` in a new session (its own process group), with stdout and
-stderr in ``<workdir>/tritonserver.log``. The stubs, and any processes they start, stay in that group
-unless they leave it themselves; after the server exits, :meth:`TritonServer.stop` kills whatever of
-the group remains. On SIGTERM the server first waits (up to ``--exit-timeout-secs``, 5 s here unless
-``extra_args`` says otherwise) for open HTTP connections and in-flight requests; if that time runs out it
-exits at once without unloading its models, so ``finalize`` never runs and the stubs are left for the
-group kill. Close (or drop) clients before stopping to get a clean unload.
+:class:`TritonServer` starts ``tritonserver`` in a new session (its own process group) with umask 077
+(every file it and its stubs create is readable by this user only; for the Python backend's /dev/shm
+regions, which boost chmods to 0644, see :func:`install_fchmod_guard`), with stdout and stderr in
+``<workdir>/tritonserver.log``. The stubs, and any processes
+they start, stay in that group unless they leave it themselves; after the server exits,
+:meth:`TritonServer.stop` kills whatever of the group remains. Before it starts the server,
+:meth:`TritonServer.start` removes the Python backend's /dev/shm regions that a crashed run left behind
+(:func:`remove_stale_shm_regions`).
+
+Stopping
+--------
+On SIGTERM tritonserver first waits (up to ``--exit-timeout-secs``) for its open HTTP connections, an
+idle keep-alive one included, and only then unloads its models with whatever is left of that time; if
+the time runs out it exits 1 at once, ``finalize`` never runs and the stubs are left for the group kill.
+So the server runs with ``--model-control-mode=explicit --load-model=*`` (every model loads at start, as
+without model control) and :meth:`TritonServer.stop` first unloads every model through the model-control
+API (in-flight requests finish, each model's ``finalize`` runs, the stubs exit and remove their regions),
+then sends SIGTERM: the server waits at most its exit timeout (:data:`DEFAULT_EXIT_TIMEOUT_S`) for open
+connections and exits 0, having no model left to unload.
+
+Security defaults
+-----------------
+* Every endpoint (HTTP, gRPC, metrics) listens on :data:`DEFAULT_HOST` (127.0.0.1) unless a host is given;
+  another address logs a warning (:func:`is_loopback`).
+* The APIs the pipeline's clients do not need (:data:`RESTRICTED_APIS`: shared-memory registration,
+  logging, trace and model-repository) are restricted over HTTP and gRPC with Triton's
+  ``--http-restricted-api`` / ``--grpc-restricted-protocol``: a call must carry the header
+  :data:`ADMIN_HTTP_HEADER` (HTTP) or :data:`ADMIN_GRPC_HEADER` (gRPC metadata) with the admin key. The
+  key comes from the caller, else from :data:`ADMIN_KEY_ENV_VAR`, else it is random for each start (then
+  only this process, which stops the server with it, knows it). See docs/security.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
+import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -62,6 +89,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -77,7 +105,37 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding python_
 NGC_ROOT = Path("/opt/tritonserver")
 LOG_NAME = "tritonserver.log"
 LOG_TAIL_LINES = 40
-DEFAULT_EXIT_TIMEOUT_S = 5
+DEFAULT_EXIT_TIMEOUT_S = 1
+"""``--exit-timeout-secs``: how long tritonserver waits for open connections (and, were any left,
+models) once it gets SIGTERM. :meth:`TritonServer.stop` unloads every model before, so this only bounds
+the wait for idle client connections."""
+DEFAULT_STOP_TIMEOUT_S = 10.0
+"""How long :meth:`TritonServer.stop` may take: unloading, then the server's exit."""
+
+DEFAULT_HOST = "127.0.0.1"
+"""Where every endpoint listens unless told otherwise: this host only."""
+
+ADMIN_KEY_ENV_VAR = "DISTRIFUSION_ADMIN_KEY"
+"""Environment variable holding the admin key (when no key or key file is given)."""
+ADMIN_KEY_NAME = "distrifusion-admin-key"
+ADMIN_HTTP_HEADER = ADMIN_KEY_NAME
+"""HTTP header a restricted call must carry, with the admin key as its value."""
+ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_KEY_NAME
+"""gRPC metadata key a restricted call must carry (Triton prefixes the configured key this way)."""
+RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
+"""Restricted by default: what a client of the pipeline never needs (and what can break or read the
+server: shared-memory registration, logging and trace settings, model load/unload)."""
+OPEN_APIS = ("health", "metadata", "inference", "model-config", "statistics")
+"""Always open: what clients and perf_analyzer use."""
+_ADMIN_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
+
+SERVER_UMASK = 0o077
+"""The server's umask: files it (and its stubs) create are readable by this user only."""
+SHM_DIR = Path("/dev/shm")
+SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+"""The Python backend's region names (its ``shm-region-prefix-name`` default)."""
+STALE_REGION_MIN_AGE_S = 5.0
+"""A region younger than this is never taken for a leftover (its creator may not have mapped it yet)."""
 
 
 class ServerError(RuntimeError):
@@ -255,6 +313,160 @@ def _client_host(host: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Security: addresses, the admin key, shared-memory leftovers
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address tritonserver binds to) is reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("ipv6:").strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str) -> str:
+    return (f"listening on {host}: the HTTP, gRPC and metrics endpoints are reachable from other hosts; "
+            "put TLS and authentication in front of them (see docs/security.md)")
+
+
+def check_admin_key(key: str) -> str:
+    """``key`` if it can be an admin key (16 to 256 characters of ``A-Za-z0-9._~+/-``), else ValueError."""
+    if not _ADMIN_KEY_PATTERN.fullmatch(key):
+        raise ValueError("the admin key must be 16 to 256 characters from A-Z a-z 0-9 . _ ~ + / - "
+                         f"(got {len(key)} characters)")
+    return key
+
+
+def resolve_admin_key(key: str | None = None, key_file: Path | str | None = None,
+                      environ: dict | None = None) -> tuple[str, str]:
+    """The admin key and where it came from: ``key``, else the first line of ``key_file``, else
+    :data:`ADMIN_KEY_ENV_VAR`, else a random key (known to this process only). ValueError if unusable."""
+    environ = os.environ if environ is None else environ
+    if key is not None:
+        return check_admin_key(key), "given"
+    if key_file is not None:
+        lines = Path(key_file).read_text().splitlines()
+        return check_admin_key(lines[0].strip() if lines else ""), f"file {key_file}"
+    if environ.get(ADMIN_KEY_ENV_VAR):
+        return check_admin_key(environ[ADMIN_KEY_ENV_VAR].strip()), f"${ADMIN_KEY_ENV_VAR}"
+    return secrets.token_urlsafe(32), "random"
+
+
+# The Python backend creates its regions through boost.interprocess, which sets their mode explicitly
+# after creating them (fchmod(fd, 0644)): the umask alone leaves them readable by every local user. The
+# server is therefore started through :func:`exec_private`, which installs a seccomp filter (inherited by
+# every process of the tree) turning exactly ``fchmod(fd, 0644)`` into a successful no-op, so that what
+# is created keeps the mode the umask gives it (0600). Any other fchmod, and every other call, is untouched.
+_SECCOMP_ARCHES = {"x86_64": (0xC000003E, 91), "aarch64": (0xC00000B7, 52)}  # AUDIT_ARCH_*, __NR_fchmod
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000  # ERRNO with 0: the call "succeeds"
+_LAUNCHER = "import sys; from python_backend.serving.server import exec_private; exec_private(sys.argv[1:])"
+
+
+def install_fchmod_guard() -> None:
+    """Makes ``fchmod(fd, 0644)`` a no-op in this process and all it starts (seccomp; OSError if refused)."""
+    import ctypes
+    import platform
+
+    if platform.machine() not in _SECCOMP_ARCHES:
+        raise OSError(f"no seccomp filter for {platform.machine()}")
+    arch, fchmod = _SECCOMP_ARCHES[platform.machine()]
+
+    class Instruction(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Instruction))]
+
+    load, jump_eq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    code = [(load, 0, 0, 4), (jump_eq, 0, 5, arch),  # seccomp_data.arch; other: allow
+            (load, 0, 0, 0), (jump_eq, 0, 3, fchmod),  # .nr
+            (load, 0, 0, 24), (jump_eq, 0, 1, 0o644),  # low word of .args[1]: the mode
+            (ret, 0, 0, _SECCOMP_RET_ERRNO), (ret, 0, 0, _SECCOMP_RET_ALLOW)]
+    instructions = (Instruction * len(code))(*(Instruction(*i) for i in code))
+    program = Program(len(code), instructions)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
+            libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter refused: " + os.strerror(ctypes.get_errno()))
+
+
+def exec_private(argv: Sequence[str]) -> None:
+    """Replaces this process with ``argv`` after :func:`install_fchmod_guard` (the launcher of the server)."""
+    try:
+        install_fchmod_guard()
+    except OSError as error:
+        print(f"distrifusion: warning: the Python backend's shared-memory regions stay readable by other "
+              f"users: {error}", file=sys.stderr, flush=True)
+    os.execv(argv[0], list(argv))
+
+
+def _shm_in_use() -> set[str]:
+    """Paths under /dev/shm that a live process maps or holds open (every process /proc shows)."""
+    used = set()
+    prefix = f"{SHM_DIR}/"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/maps") as maps:
+                for line in maps:
+                    at = line.find(prefix)
+                    if at >= 0:
+                        used.add(line[at:].rstrip("\n").removesuffix(" (deleted)"))
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target.startswith(prefix):
+                    used.add(target.removesuffix(" (deleted)"))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return used
+
+
+def stale_shm_regions(prefix: str = SHM_REGION_PREFIX, min_age_s: float = STALE_REGION_MIN_AGE_S) -> list[Path]:
+    """The Python backend's /dev/shm regions that no live process maps or holds open: left by a server
+    that was killed. Only this user's regions, and none younger than ``min_age_s``."""
+    if not SHM_DIR.is_dir():
+        return []
+    now, uid = time.time(), os.getuid()
+    candidates = []
+    for path in SHM_DIR.glob(f"{prefix}*"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if info.st_uid == uid and now - max(info.st_mtime, info.st_ctime) >= min_age_s:
+            candidates.append(path)
+    if not candidates:
+        return []
+    used = _shm_in_use()  # read after listing: a region listed above and mapped since counts as in use
+    return [path for path in candidates if str(path) not in used]
+
+
+def remove_stale_shm_regions(prefix: str = SHM_REGION_PREFIX,
+                             min_age_s: float = STALE_REGION_MIN_AGE_S) -> list[Path]:
+    """Removes :func:`stale_shm_regions`; returns those removed."""
+    removed, freed = [], 0
+    for path in stale_shm_regions(prefix, min_age_s):
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+        freed += size
+    if removed:
+        log.warning("removed %d shared-memory region(s) a crashed server left in %s (%.1f MiB)", len(removed),
+                    SHM_DIR, freed / 2**20)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
 # The server
 
 
@@ -262,13 +474,24 @@ class TritonServer:
     """One ``tritonserver`` process over a model repository. Use as ``with TritonServer(repo) as s:``."""
 
     def __init__(self, repository, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 host: str = "0.0.0.0", workdir=None, log_verbose: int = 0, extra_args: Sequence[str] = ()):
+                 host: str = DEFAULT_HOST, workdir=None, log_verbose: int = 0, extra_args: Sequence[str] = (),
+                 admin_key: str | None = None, restricted_apis: Sequence[str] = RESTRICTED_APIS,
+                 private_shm: bool = True):
+        """``admin_key``: the key restricted APIs need (default: :func:`resolve_admin_key`);
+        ``restricted_apis``: those restricted (a subset of :data:`RESTRICTED_APIS` opens the others);
+        ``private_shm``: start the server through :func:`exec_private` (regions 0600, no_new_privs)."""
         self.repository = Path(repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
         self.workdir = Path(workdir) if workdir is not None else None
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
+        self.admin_key, self.admin_key_source = resolve_admin_key(admin_key)
+        unknown = sorted(set(restricted_apis) - set(RESTRICTED_APIS) - set(OPEN_APIS))
+        if unknown:
+            raise ValueError(f"unknown API(s) {unknown}; Triton's are {RESTRICTED_APIS + OPEN_APIS}")
+        self.restricted_apis = tuple(dict.fromkeys(restricted_apis))
+        self.private_shm = private_shm
         self.process: subprocess.Popen | None = None
         self._log_file = None
 
@@ -290,6 +513,21 @@ class TritonServer:
         return {"http": f"{host}:{self.http_port}", "grpc": f"{host}:{self.grpc_port}",
                 "metrics": f"http://{host}:{self.metrics_port}/metrics"}
 
+    @property
+    def exit_timeout_s(self) -> int:
+        """The server's ``--exit-timeout-secs`` (``extra_args`` may set it)."""
+        value = _last_option(self.extra_args, "--exit-timeout-secs")
+        return int(value) if value is not None else DEFAULT_EXIT_TIMEOUT_S
+
+    @property
+    def explicit_model_control(self) -> bool:
+        """Whether models can be unloaded through the API (``extra_args`` may choose another mode)."""
+        return _last_option(self.extra_args, "--model-control-mode") in (None, "explicit")
+
+    def admin_headers(self, protocol: str = "http") -> dict:
+        """The header a restricted call needs: ``protocol`` "http" or "grpc" (its metadata key)."""
+        return {ADMIN_GRPC_HEADER if protocol == "grpc" else ADMIN_HTTP_HEADER: self.admin_key}
+
     def command(self, backend_dir: Path) -> list[str]:
         args = [str(find_tritonserver()),
                 f"--model-repository={self.repository}",
@@ -298,7 +536,15 @@ class TritonServer:
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 "--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 f"--log-verbose={self.log_verbose}"]
-        if not any(a.startswith("--exit-timeout-secs") for a in self.extra_args):
+        if self.restricted_apis:
+            apis = ",".join(self.restricted_apis)
+            args += [f"--http-restricted-api={apis}:{ADMIN_KEY_NAME}={self.admin_key}",
+                     f"--grpc-restricted-protocol={apis}:{ADMIN_KEY_NAME}={self.admin_key}"]
+        if _last_option(self.extra_args, "--model-control-mode") is None:
+            args.append("--model-control-mode=explicit")
+            if _last_option(self.extra_args, "--load-model") is None:
+                args.append("--load-model=*")  # every model at start, as without model control
+        if _last_option(self.extra_args, "--exit-timeout-secs") is None:
             args.append(f"--exit-timeout-secs={DEFAULT_EXIT_TIMEOUT_S}")
         return args + self.extra_args
 
@@ -311,12 +557,19 @@ class TritonServer:
             self.workdir = Path(tempfile.mkdtemp(prefix="distrifusion-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = self.command(prepare_backend_dir(self.workdir))
+        if not is_loopback(self.host):
+            log.warning("warning: %s", exposure_warning(self.host))
+        remove_stale_shm_regions(self._shm_region_prefix())
+        env = server_environment()
+        env.pop(ADMIN_KEY_ENV_VAR, None)  # the server has it on its command line; its models need not
         self._log_file = open(self.log_path, "wb")
         log.info("starting tritonserver for %s (log: %s)", self.repository, self.log_path)
-        log.debug("command: %s", " ".join(cmd))
-        self.process = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=server_environment(),
-                                        cwd=self.workdir, start_new_session=True)
+        log.debug("command: %s", " ".join(c.replace(self.admin_key, "<admin key>") for c in cmd))
+        if self.private_shm:  # through the launcher (exec_private), which becomes tritonserver: same pid
+            cmd = [sys.executable, "-c", _LAUNCHER, *cmd]
+        self.process = subprocess.Popen(cmd, stdout=self._log_file,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        cwd=self.workdir, start_new_session=True, umask=SERVER_UMASK)
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -339,8 +592,11 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM the server, SIGKILL it after ``timeout`` s, then kill what is left of its group.
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
+        """Stops the server cleanly in about ``timeout`` s, open client connections or not: unloads every
+        model through the model-control API (in-flight requests finish, each ``finalize`` runs), then
+        SIGTERM (the server waits at most its exit timeout for open connections and exits 0); SIGKILL if
+        it has not exited by then, and kill what is left of its group.
 
         Returns the server's exit code (None if it was never started).
         """
@@ -349,12 +605,17 @@ class TritonServer:
         if self._log_file is None:  # stopped already
             return self.process.returncode
         if self.process.poll() is None:
+            started = time.monotonic()
+            exit_wait = self.exit_timeout_s + 2.0  # the server's own wait after SIGTERM, and its exit
+            if self.explicit_model_control:  # a longer exit timeout asked for: as long a wait here
+                self.unload_models(max(timeout - exit_wait, float(self.exit_timeout_s), 1.0))
             log.info("stopping tritonserver (pid %d)", self.process.pid)
             self.process.send_signal(signal.SIGTERM)
+            wait = max(timeout - (time.monotonic() - started), exit_wait)
             try:
-                self.process.wait(timeout)
+                self.process.wait(wait)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not exit within %g s; killing it", timeout)
+                log.warning("tritonserver did not exit within %g s; killing it", wait)
                 self.process.kill()
                 self.process.wait()
         kill_group(self.pgid)
@@ -364,6 +625,28 @@ class TritonServer:
         code = self.process.returncode
         log.info("tritonserver exited with code %s", code)
         return code
+
+    def unload_models(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> bool:
+        """Unloads every loaded model (model-control API, with the admin key) and waits up to ``timeout`` s
+        until none is loaded or unloading; returns whether that happened."""
+        deadline = time.monotonic() + timeout
+        try:
+            live = [m["name"] for m in self._repository_index() if m.get("state") in _LIVE_STATES]
+            for name in live:  # each returns once the model takes no new requests; unloading goes on
+                self._admin_post(f"/v2/repository/models/{urllib.parse.quote(name)}/unload",
+                                 max(deadline - time.monotonic(), 0.5))
+            while True:
+                left = [m["name"] for m in self._repository_index() if m.get("state") in _LIVE_STATES]
+                if not left:
+                    log.info("unloaded %d model(s)", len(live))
+                    return True
+                if time.monotonic() > deadline:
+                    log.warning("model(s) %s still loaded after %g s", left, timeout)
+                    return False
+                time.sleep(0.1)
+        except (OSError, ValueError, KeyError) as error:  # urllib's errors are OSErrors
+            log.warning("could not unload the models: %s", error)
+            return False
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return _log_tail(self.log_path, lines) if self.log_path else ""
@@ -389,6 +672,39 @@ class TritonServer:
     def _probe_host(self) -> str:
         return "127.0.0.1" if self.host in ("", "0.0.0.0") else ("::1" if self.host == "::" else self.host)
 
+    def _admin_post(self, path: str, timeout: float = 5.0) -> bytes:
+        request = urllib.request.Request(f"http://{_url_host(self._probe_host())}:{self.http_port}{path}",
+                                         data=b"{}", method="POST", headers=self.admin_headers("http"))
+        with urllib.request.urlopen(request, timeout=min(timeout, 5.0)) as response:
+            return response.read()
+
+    def _repository_index(self) -> list[dict]:
+        return json.loads(self._admin_post("/v2/repository/index"))
+
+    def _shm_region_prefix(self) -> str:
+        for arg in self.extra_args:
+            if arg.startswith("--backend-config=python,shm-region-prefix-name="):
+                return arg.split("=", 2)[2]
+        return SHM_REGION_PREFIX
+
+
+_LIVE_STATES = ("READY", "LOADING", "UNLOADING")
+
+
+def _last_option(args: Sequence[str], name: str) -> str | None:
+    """The value of the last ``name=value`` or ``name value`` in ``args`` (None if absent)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+        elif arg == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
 
 def _http_ok(url: str) -> bool:
     try:
@@ -409,7 +725,15 @@ def add_serve_command(commands) -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--host", default="0.0.0.0", help="address the HTTP and gRPC endpoints listen on")
+    serve.add_argument("--host", default=DEFAULT_HOST,
+                       help=f"address the HTTP, gRPC and metrics endpoints listen on (default {DEFAULT_HOST}: this "
+                            "host only; 0.0.0.0 exposes them to other hosts, see docs/security.md)")
+    serve.add_argument("--admin-key-file", type=Path, default=None,
+                       help=f"file whose first line is the key the restricted APIs ({', '.join(RESTRICTED_APIS)}) "
+                            f"need in the '{ADMIN_HTTP_HEADER}' header (default: ${ADMIN_KEY_ENV_VAR}, else a random "
+                            "key: nobody can call them)")
+    serve.add_argument("--open-api", action="append", choices=RESTRICTED_APIS, default=[], metavar="API",
+                       help=f"leave this API open to every client (repeatable; one of {', '.join(RESTRICTED_APIS)})")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver log verbosity (0: off)")
     serve.add_argument("--workdir", type=Path, default=None,
                        help="folder for the server log and backends (default: a new temporary folder)")
@@ -422,17 +746,30 @@ def serve_command(args: argparse.Namespace) -> int:
     if not args.repository.is_dir():
         print(f"distrifusion serve: error: --repository {args.repository} is not a folder", file=sys.stderr)
         return 2
+    try:
+        key, source = resolve_admin_key(key_file=getattr(args, "admin_key_file", None))
+    except (OSError, ValueError) as error:
+        print(f"distrifusion serve: error: --admin-key-file / ${ADMIN_KEY_ENV_VAR}: {error}", file=sys.stderr)
+        return 2
+    opened = getattr(args, "open_api", [])
     server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host, workdir=args.workdir,
-                          log_verbose=args.log_verbose)
+                          log_verbose=args.log_verbose, admin_key=key,
+                          restricted_apis=[api for api in RESTRICTED_APIS if api not in opened])
+    server.admin_key_source = source
     stop_requested = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _serve_until_stopped(server, stop_requested, args.ready_timeout)
+        code = _serve_until_stopped(server, stop_requested, args.ready_timeout)
     finally:
-        server.stop()
+        stopped = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if code == 0 and stopped != 0:
+        print(f"distrifusion serve: error: tritonserver exited with code {stopped} on stop; "
+              f"last lines of {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    return code
 
 
 def _serve_until_stopped(server: TritonServer, stop_requested: threading.Event, ready_timeout: float) -> int:
@@ -443,11 +780,14 @@ def _serve_until_stopped(server: TritonServer, stop_requested: threading.Event, 
         print(f"distrifusion serve: error: {error}", file=sys.stderr)
         return 1
     urls = server.urls
+    restricted = (f"{', '.join(server.restricted_apis)} need the '{ADMIN_HTTP_HEADER}' header "
+                  f"(key: {server.admin_key_source})" if server.restricted_apis else "none")
     print(f"Triton is serving {server.repository}\n"
           f"  HTTP:    http://{urls['http']}\n"
           f"  gRPC:    {urls['grpc']}\n"
           f"  metrics: {urls['metrics']}\n"
           f"  log:     {server.log_path}\n"
+          f"  restricted APIs: {restricted}\n"
           "Press Ctrl+C to stop.", flush=True)
     while not stop_requested.wait(0.5):
         if not server.is_running():

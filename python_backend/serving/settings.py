@@ -45,7 +45,11 @@ class ServingSettings:
         values = {}
         for f in fields(cls):
             if f.name in raw and raw[f.name] is not None:
-                values[f.name] = _parse(f.type, raw[f.name])
+                try:
+                    values[f.name] = _parse(f.type, raw[f.name])
+                except ValueError:
+                    raise ValueError(f"model config parameter '{f.name}' is {raw[f.name]!r}; "
+                                     f"expected {_EXPECTED[f.type]}") from None
         return cls(**values)
 
     def as_parameters(self) -> dict[str, str]:
@@ -65,9 +69,16 @@ def cpu_threads(settings: ServingSettings) -> None:
     set_cpu_threads(settings.ranks)
 
 
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
 def _parse(kind: str, text: str):
     if kind == "bool":
-        return text.strip().lower() in ("1", "true", "yes")
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:  # a typo must not silently turn an option off
+            raise ValueError(word)
+        return word in _TRUE
     if kind == "int":
         return int(text)
     if kind == "float":

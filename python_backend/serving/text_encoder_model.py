@@ -24,9 +24,15 @@ class TritonPythonModel:
             dtype=torch_dtype("auto", device),
         ).to(device)
         self.sdxl = hasattr(self.pipe, "text_encoder_2")
+        with torch.no_grad():  # warm-up: the first request pays no first call's costs
+            encode_prompt(self.pipe, "warm-up", None, 1, self.settings.default_guidance > 1,
+                          self.settings.default_height, self.settings.default_width)
 
     def execute(self, requests):
         return triton_io.answer_each(requests, self._encode)
+
+    def finalize(self):
+        triton_io.log_finalized("text_encoder")
 
     def _encode(self, request) -> dict[str, np.ndarray]:
         s = self.settings

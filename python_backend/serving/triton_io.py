@@ -37,6 +37,14 @@ def error(message: str, code=None):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
+FINALIZED = "{model}: finalize done"
+"""What each model logs (Triton's log, info level) at the end of its ``finalize``: a clean unload."""
+
+
+def log_finalized(model: str) -> None:
+    pb_utils.Logger.log_info(FINALIZED.format(model=model))
+
+
 def answer_each(requests, handle):
     """Runs ``handle(request) -> outputs`` per request; a bad input answers that request alone."""
     responses = []

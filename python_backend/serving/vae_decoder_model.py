@@ -21,6 +21,9 @@ class TritonPythonModel:
         device = resolve_device_kind(settings.device)
         self.vae = AutoencoderKL.from_pretrained(os.path.join(settings.model_dir, "vae"), local_files_only=True)
         self.vae = self.vae.to(device).eval()
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        for height, width in settings.built_sizes:  # warm-up: the first request pays no first call's costs
+            vae_decode(self.vae, torch.zeros(1, self.vae.config.latent_channels, height // factor, width // factor))
 
     def execute(self, requests):
         def decode(request):
@@ -28,3 +31,6 @@ class TritonPythonModel:
             return {"decoded": vae_decode(self.vae, latents).float().cpu().numpy()}
 
         return triton_io.answer_each(requests, decode)
+
+    def finalize(self):
+        triton_io.log_finalized("vae_decoder")
