@@ -45,8 +45,8 @@ def test_every_option_has_its_dtype_and_shape():
     tensors = {name: (array, dtype) for name, array, dtype in request_tensors("a cät", **ALL_OPTIONS)}
     assert list(tensors) == list(INPUTS)
     expected = {"prompt": ("BYTES", np.object_), "negative_prompt": ("BYTES", np.object_),
-                "seed": ("INT64", np.int64), "steps": ("INT32", np.int32), "guidance_scale": ("FP32", np.float32),
-                "scheduler": ("BYTES", np.object_), "height": ("INT32", np.int32), "width": ("INT32", np.int32)}
+                "seed": ("INT64", np.int64), "steps": ("INT64", np.int64), "guidance_scale": ("FP32", np.float32),
+                "scheduler": ("BYTES", np.object_), "height": ("INT64", np.int64), "width": ("INT64", np.int64)}
     for name, (triton_dtype, numpy_dtype) in expected.items():
         array, dtype = tensors[name]
         assert dtype == triton_dtype and array.dtype == numpy_dtype and array.shape == (1,), name
@@ -143,7 +143,7 @@ def test_http_client_sends_the_set_options_and_returns_the_image(http_server):
     path, inputs = seen[-1]
     assert path == "/v2/models/pipeline/infer"
     assert inputs == {"prompt": ("BYTES", [1], "a cat"), "seed": ("INT64", [1], 3),
-                      "steps": ("INT32", [1], 4), "scheduler": ("BYTES", [1], "ddim")}
+                      "steps": ("INT64", [1], 4), "scheduler": ("BYTES", [1], "ddim")}
 
 
 def test_http_client_sends_every_option(http_server):
@@ -151,7 +151,7 @@ def test_http_client_sends_every_option(http_server):
     generate(url, "a cat", **ALL_OPTIONS)
     inputs = seen[-1][1]
     assert [name for name in inputs] == list(INPUTS)
-    assert inputs["guidance_scale"] == ("FP32", [1], 5.5) and inputs["height"] == ("INT32", [1], 256)
+    assert inputs["guidance_scale"] == ("FP32", [1], 5.5) and inputs["height"] == ("INT64", [1], 256)
 
 
 def test_http_client_surfaces_the_server_error(http_server):

@@ -18,20 +18,19 @@ from tritonclient.utils import InferenceServerException
 from python_backend.client import generate
 from conftest import rank_workers, tiny_serving_settings, wait_until_busy, wait_until_exited
 from python_backend.client.request import request_tensors
-from python_backend.core.defaults import MAX_STEPS
 from python_backend.serving.repository import serve_repository
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 8.0  # the served request timeout (s)
 RANK_TIMEOUT = 10.0  # the served rank timeout (s)
-LONG = MAX_STEPS  # minutes of denoising: far longer than TIMEOUT
+LONG = 10_000  # steps (this deployment allows them): many minutes of denoising, far longer than TIMEOUT
 
 
 @pytest.fixture(scope="module")
 def server(tiny_sdxl, tmp_path_factory):
-    settings = tiny_serving_settings(tiny_sdxl, default_steps=2, warmup_steps=1, request_timeout_s=TIMEOUT,
-                                     rank_timeout_s=RANK_TIMEOUT)
+    settings = tiny_serving_settings(tiny_sdxl, default_steps=2, warmup_steps=1, max_steps=LONG,
+                                     request_timeout_s=TIMEOUT, rank_timeout_s=RANK_TIMEOUT)
     with serve_repository(settings, tmp_path_factory.mktemp("faults")) as triton:
         yield triton
 
@@ -74,7 +73,7 @@ def test_a_cancelled_request_stops_at_the_next_step(server):
     client = grpcclient.InferenceServerClient(server.urls["grpc"])
     encoded = client.infer("text_encoder", _grpc_inputs(request_tensors("a cancelled one")))
     conditioning = [(name, encoded.as_numpy(name), "FP32") for name in ("prompt_embeds", "text_embeds", "time_ids")]
-    steps = [("steps", np.array([LONG], dtype=np.int32), "INT32")]
+    steps = [("steps", np.array([LONG], dtype=np.int64), "INT64")]
     sent = time.monotonic()
     call = client.async_infer("denoiser", _grpc_inputs(conditioning + steps), callback=lambda result, error: None)
     wait_until_busy(worker)  # the cancelled request is denoising

@@ -90,9 +90,9 @@ PROMPT = ("prompt", np.array([b"a cat"], dtype=object), "BYTES")
     ([("prompt", np.array([b"  "], dtype=object), "BYTES")], "input 'prompt' must not be empty"),
     ([("seed", np.array([1], dtype=np.int64), "INT64")], "prompt"),
     ([("prompt", np.array([b"\xff\xfe bad"], dtype=object), "BYTES")], "input 'prompt' must be valid UTF-8"),
-    ([PROMPT, ("height", np.array([256], dtype=np.int32), "INT32")], f"allowed (built) sizes: {SIZE}x{SIZE}"),
-    ([PROMPT, ("steps", np.array([0], dtype=np.int32), "INT32")], "input 'steps' is 0; allowed: 1 to 1000"),
-    ([PROMPT, ("steps", np.array([1001], dtype=np.int32), "INT32")], "input 'steps' is 1001; allowed: 1 to 1000"),
+    ([PROMPT, ("height", np.array([256], dtype=np.int64), "INT64")], f"allowed (built) sizes: {SIZE}x{SIZE}"),
+    ([PROMPT, ("steps", np.array([0], dtype=np.int64), "INT64")], "input 'steps' is 0; allowed: 1 to 200"),
+    ([PROMPT, ("steps", np.array([201], dtype=np.int64), "INT64")], "input 'steps' is 201; allowed: 1 to 200"),
     ([PROMPT, ("guidance_scale", np.array([-1.0], dtype=np.float32), "FP32")], "input 'guidance_scale' is -1.0; allowed: 0.0 to 30.0"),
     ([PROMPT, ("guidance_scale", np.array([np.nan], dtype=np.float32), "FP32")], "input 'guidance_scale'"),
     ([PROMPT, ("scheduler", np.array([b"lms"], dtype=object), "BYTES")], "input 'scheduler' is 'lms'; allowed: ddim, euler, euler-a, dpmpp-2m"),
@@ -107,7 +107,7 @@ def test_bad_input_is_named_and_the_server_keeps_serving(server, inputs, message
     assert message in str(error.value)
     assert str(error.value).startswith("[400]")  # a client error, not a server failure
     assert _ready(server)
-    image = _raw_infer(http_url, [PROMPT, ("steps", np.array([1], dtype=np.int32), "INT32")]).as_numpy("image")
+    image = _raw_infer(http_url, [PROMPT, ("steps", np.array([1], dtype=np.int64), "INT64")]).as_numpy("image")
     assert image.shape == (SIZE, SIZE, 3)
 
 

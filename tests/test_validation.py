@@ -100,8 +100,9 @@ def test_stock_settings_allow_the_documented_defaults():
 CHANGED = ServingSettings(
     model_dir="/models/my sdxl", ranks=4, mode="stale_gn", warmup_steps=0, split_cfg=False, engine="onnxruntime",
     engine_dir="/engines/abc", device="cpu", sizes="1024x1024,768x1344", default_steps=30, default_guidance=7.25,
-    default_scheduler="dpmpp-2m", default_seed=123456789012, default_height=768, default_width=1344, max_steps=200,
+    default_scheduler="dpmpp-2m", default_seed=123456789012, default_height=768, default_width=1344, max_steps=150,
     min_guidance=0.5, max_guidance=20.0, max_prompt_chars=500, request_timeout_s=12.5, rank_timeout_s=0.25,
+    max_queue_size=4, queue_timeout_s=2.5,
 )
 
 
@@ -154,3 +155,52 @@ def test_parameters_are_parsed_by_type_and_missing_ones_default():
 def test_an_unreadable_parameter_is_named(name, text):
     with pytest.raises(ValueError, match=f"parameter '{name}'.*{text}"):
         ServingSettings.from_model_config(_as_triton_passes({name: text}))
+
+
+# --- tensors between the models (issue 16) ---------------------------------------------------------
+
+
+def test_tensor_shapes_are_read_from_the_model_folder(tiny_sdxl, tiny_sd15):
+    from python_backend.serving.validation import TensorShapes
+
+    assert TensorShapes.read(tiny_sdxl) == TensorShapes(tokens=77, embed_dim=64, text_embeds_dim=32, time_ids_dim=6,
+                                                        latent_channels=4, vae_factor=8)
+    assert TensorShapes.read(tiny_sd15) == TensorShapes(tokens=77, embed_dim=32, text_embeds_dim=1, time_ids_dim=1,
+                                                        latent_channels=4, vae_factor=8)
+
+
+def test_tensors_are_checked_for_shape_and_finite_values():
+    import numpy as np
+
+    from python_backend.serving.validation import InputError, TensorShapes, decoded, embeds, latents
+
+    settings = ServingSettings(sizes="128x128,64x96")
+    shapes = TensorShapes(tokens=77, embed_dim=64, text_embeds_dim=32, time_ids_dim=6, latent_channels=4, vae_factor=8)
+    latents(np.zeros((1, 4, 8, 12), np.float32), settings, shapes)
+    decoded(np.zeros((1, 3, 128, 128), np.float32), settings)
+    good = {"prompt_embeds": np.zeros((2, 77, 64), np.float32), "text_embeds": np.zeros((2, 32), np.float32),
+            "time_ids": np.zeros((2, 6), np.float32)}
+    embeds(good, True, shapes)
+    with pytest.raises(InputError, match=r"input 'latents' has shape \[1, 4, 256, 256\]; allowed shape: "
+                                         r"\[1, 4, 16, 16\] or \[1, 4, 8, 12\]"):
+        latents(np.zeros((1, 4, 256, 256), np.float32), settings, shapes)
+    with pytest.raises(InputError, match="input 'decoded' holds NaN"):
+        decoded(np.full((1, 3, 64, 96), np.inf, np.float32), settings)
+    with pytest.raises(InputError, match=r"input 'prompt_embeds' has shape \[2, 77, 64\]; allowed shape: \[1, 77, 64\]"):
+        embeds(good, False, shapes)
+    with pytest.raises(InputError, match="input 'time_ids' is required"):
+        embeds({**good, "time_ids": None}, True, shapes)
+
+
+def test_the_queue_is_bounded_in_every_python_model(tmp_path):
+    from python_backend.serving.repository import fill_repository
+
+    fill_repository(tmp_path, ServingSettings(max_queue_size=5, queue_timeout_s=1.5))
+    for model in ("text_encoder", "denoiser", "vae_decoder", "postprocess"):
+        config = (tmp_path / model / "config.pbtxt").read_text()
+        assert "max_queue_size: 5" in config and "default_timeout_microseconds: 1500000" in config, model
+        assert "allow_timeout_override: false" in config and "timeout_action: REJECT" in config, model
+        assert "TYPE_INT32" not in config, model
+    assert "dynamic_batching" not in (tmp_path / "pipeline" / "config.pbtxt").read_text()
+    fill_repository(tmp_path, ServingSettings(max_queue_size=0))
+    assert "dynamic_batching" not in (tmp_path / "denoiser" / "config.pbtxt").read_text()

@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--steps", type=int, default=defaults.DEFAULT_STEPS, help="the served default number of steps")
     bld.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.DEFAULT_SCHEDULER,
                      help="the served default scheduler")
+    bld.add_argument("--max-steps", type=int, default=defaults.MAX_STEPS,
+                     help=f"the most steps a served request may ask for (default {defaults.MAX_STEPS})")
     bld.set_defaults(handler=_build)
 
     from ..serving.client_commands import add_client_commands
@@ -167,6 +169,7 @@ def _build(args) -> int:
             split_cfg=not args.no_split_cfg, engine=args.backend, engine_dir=str(folder.resolve()) if folder else "",
             sizes=f"{args.height}x{args.width}", default_steps=args.steps, default_guidance=args.guidance,
             default_scheduler=args.scheduler, default_height=args.height, default_width=args.width,
+            max_steps=args.max_steps,
         )
         print(f"model repository ready at {fill_repository(args.repository, settings)}")
     return 0
@@ -191,8 +194,11 @@ def validate_generate_args(args):
             f"(VAE factor {info.vae_scale} x UNet downsampling {info.downsampling_factor}), "
             f"got {args.height}x{args.width}"
         )
-    if not 1 <= args.steps <= defaults.MAX_STEPS:
-        raise UsageError(f"--steps must be between 1 and {defaults.MAX_STEPS}, got {args.steps}")
+    max_steps = getattr(args, "max_steps", defaults.MAX_STEPS)  # build's --max-steps; generate's fixed limit
+    if max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1, got {max_steps}")
+    if not 1 <= args.steps <= max_steps:
+        raise UsageError(f"--steps must be between 1 and {max_steps}, got {args.steps}")
     if args.ranks < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
     if args.num_images < 1:

@@ -40,6 +40,7 @@ KEYS = {
     "warmup_steps": ("warmup_steps", int), "split_cfg": ("no_split_cfg", bool), "num_images": ("num_images", int),
     "cut": ("cut", str), "out": ("out", Path), "repository": ("repository", Path),
     "served.steps": ("steps", int), "served.guidance": ("guidance", float), "served.scheduler": ("scheduler", str),
+    "served.max_steps": ("max_steps", int),
 }
 
 

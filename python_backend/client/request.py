@@ -24,11 +24,11 @@ INPUTS = {
     "prompt": (np.object_, "BYTES"),
     "negative_prompt": (np.object_, "BYTES"),
     "seed": (np.int64, "INT64"),
-    "steps": (np.int32, "INT32"),
+    "steps": (np.int64, "INT64"),
     "guidance_scale": (np.float32, "FP32"),
     "scheduler": (np.object_, "BYTES"),
-    "height": (np.int32, "INT32"),
-    "width": (np.int32, "INT32"),
+    "height": (np.int64, "INT64"),
+    "width": (np.int64, "INT64"),
 }
 
 

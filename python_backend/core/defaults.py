@@ -7,7 +7,7 @@ Plain constants only, so that light code (the Triton clients) can import it with
 SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
 DEFAULT_SCHEDULER = "euler"
 DEFAULT_STEPS = 20
-MAX_STEPS = 1000
+MAX_STEPS = 200  # the default per-deployment limit (model config parameter max_steps) and the CLI's
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SEED = 0
 DEFAULT_HEIGHT = 512

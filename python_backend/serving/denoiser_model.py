@@ -41,7 +41,9 @@ class TritonPythonModel:
         )
         self.service = RankService(config)
         self.sdxl = ModelInfo.read(s.model_dir).family == "sdxl"
+        self.shapes = validation.TensorShapes.read(s.model_dir)  # what this model's text encoder sends
         self._metrics()
+        self._restarts_counted = 0
 
     def _metrics(self):
         labels = {"model": "denoiser"}
@@ -67,21 +69,33 @@ class TritonPythonModel:
                                        "Mean UNet time per step of the last request (seconds)")
         self.last_wait_seconds = gauge("distrifusion_last_request_exchange_wait_seconds",
                                        "Exchange wait of the last request (seconds)")
+        self.restarts_total = counter("distrifusion_rank_group_restarts_total",
+                                      "Restarts of the rank group (a rank died, hung or failed to start)")
 
     def execute(self, requests):
-        return triton_io.answer_each(requests, self._denoise)
+        try:
+            return triton_io.answer_each(requests, self._denoise)
+        finally:
+            self._count_restarts()
+
+    def _count_restarts(self) -> None:
+        restarts = self.service.restarts
+        if restarts > self._restarts_counted:
+            self.restarts_total.increment(restarts - self._restarts_counted)
+            self._restarts_counted = restarts
 
     def _denoise(self, request) -> dict[str, np.ndarray]:
         values = {name: triton_io.optional_value(request, name) for name in validation.OPTIONS}
         generation = validation.generation(values, self.settings)
+        # every tensor is checked against this deployment before it reaches a rank: a wrong shape sent to
+        # the denoiser directly must get 400, not kill a rank worker and restart the group
+        given = {name: triton_io.tensor(request, name) for name in ("prompt_embeds", "text_embeds", "time_ids")}
+        checked = validation.embeds(given, generation.guided, self.shapes)
         device = self.service.device
-        embeds = torch.from_numpy(triton_io.tensor(request, "prompt_embeds")).to(device)
+        embeds = torch.from_numpy(checked["prompt_embeds"]).to(device)
         added = None
         if self.sdxl:
-            added = {k: torch.from_numpy(triton_io.tensor(request, k)).to(device) for k in ("text_embeds", "time_ids")}
-        guided = embeds.shape[0] == 2 * generation.num_images
-        if guided != generation.guided:
-            raise validation.InputError("the text encoder and the denoiser disagree on guidance; check 'guidance_scale'")
+            added = {k: torch.from_numpy(checked[k]).to(device) for k in ("text_embeds", "time_ids")}
         self.service.ensure_ready()  # a restart after a worker died while idle is not this request's time
         started = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s

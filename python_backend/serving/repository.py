@@ -29,16 +29,34 @@ def fill_repository(out: Path, settings: ServingSettings) -> Path:
         f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
         for key, value in settings.as_parameters().items()
     )
+    queue = queue_policy(settings)
     for model in MODELS:
         target = out / model
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(TEMPLATES / model, target, ignore=shutil.ignore_patterns("__pycache__"))
         config = target / "config.pbtxt"
-        config.write_text(config.read_text().replace("# PARAMETERS", parameters))
+        config.write_text(config.read_text().replace("# PARAMETERS", parameters).replace("# QUEUE", queue))
     log.info("model repository ready at %s (%d rank(s), %s, sizes %s)", out, settings.ranks, settings.engine,
              settings.sizes)
     return out
+
+
+def queue_policy(settings: ServingSettings) -> str:
+    """The bounded queue of a Python model (max_batch_size 0 models take ``dynamic_batching`` in Triton
+    2.51: it batches nothing here, but its queue policy bounds the queue). Clients cannot lengthen the
+    timeout (``allow_timeout_override: false``)."""
+    if settings.max_queue_size <= 0:
+        return "# an unbounded queue (max_queue_size 0)"
+    timeout_us = max(1, int(round(settings.queue_timeout_s * 1e6)))
+    return ("dynamic_batching {\n"
+            "  default_queue_policy {\n"
+            f"    max_queue_size: {settings.max_queue_size}\n"
+            "    timeout_action: REJECT\n"
+            f"    default_timeout_microseconds: {timeout_us}\n"
+            "    allow_timeout_override: false\n"
+            "  }\n"
+            "}")
 
 
 READY_TIMEOUT_S = 300.0  # loading five models and warming the rank group up on a busy 2-core machine

@@ -35,6 +35,11 @@ class ServingSettings:
     min_guidance: float = 0.0
     max_guidance: float = 30.0
     max_prompt_chars: int = 2000
+    # Each Python model's queue: at most this many requests wait (more are refused at once with 503
+    # "Exceeds maximum queue size": busy, retry), and one waiting longer than queue_timeout_s is
+    # refused with 503 "Request timeout expired". 0: an unbounded queue without a timeout.
+    max_queue_size: int = 32
+    queue_timeout_s: float = 300.0
     request_timeout_s: float = 600.0  # a request still denoising after this long stops at the next step
     rank_timeout_s: float = 60.0  # a rank silent this long (dead or hung) fails the request; the group restarts
 

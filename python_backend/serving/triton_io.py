@@ -20,8 +20,10 @@ def optional_value(request, name: str):
     return value if isinstance(value, (bytes, str)) else value.item()
 
 
-def tensor(request, name: str) -> np.ndarray:
-    return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+def tensor(request, name: str) -> np.ndarray | None:
+    """Input ``name`` as an array, or None when the request did not send it."""
+    given = pb_utils.get_input_tensor_by_name(request, name)
+    return None if given is None else given.as_numpy()
 
 
 def respond(outputs: dict[str, np.ndarray]):

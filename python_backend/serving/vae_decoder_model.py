@@ -8,7 +8,7 @@ import torch
 
 from ..core.model import vae_decode
 from ..core.devices import resolve_device_kind
-from . import triton_io
+from . import triton_io, validation
 from .settings import ServingSettings, cpu_threads
 
 
@@ -16,7 +16,8 @@ class TritonPythonModel:
     def initialize(self, args):
         from diffusers import AutoencoderKL
 
-        settings = ServingSettings.from_model_config(args["model_config"])
+        self.settings = settings = ServingSettings.from_model_config(args["model_config"])
+        self.shapes = validation.TensorShapes.read(settings.model_dir)
         cpu_threads(settings)
         device = resolve_device_kind(settings.device)
         self.vae = AutoencoderKL.from_pretrained(os.path.join(settings.model_dir, "vae"), local_files_only=True)
@@ -27,7 +28,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         def decode(request):
-            latents = torch.from_numpy(triton_io.tensor(request, "latents"))
+            # a built size only: a client asking for a 2048^2 decode stalls every pipeline request
+            latents = torch.from_numpy(validation.latents(triton_io.tensor(request, "latents"), self.settings,
+                                                          self.shapes))
             return {"decoded": vae_decode(self.vae, latents).float().cpu().numpy()}
 
         return triton_io.answer_each(requests, decode)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from ..core.denoise import GenerationRequest
 from .settings import ServingSettings
@@ -63,3 +69,80 @@ def generation(values: dict, settings: ServingSettings, prompt: str = "") -> Gen
     return GenerationRequest(prompt=prompt, height=height, width=width, steps=steps,
                              guidance=guidance(values.get("guidance_scale"), settings), scheduler=scheduler,
                              seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors between the models: each model checks what it is sent against the deployment (issue 16), so
+# that a client calling an internal model directly gets 400 naming the input, never a crash or a
+# decode of a size nobody built.
+
+
+@dataclass(frozen=True)
+class TensorShapes:
+    """What the text encoder, the denoiser and the VAE of one model folder exchange, read from its
+    configs without loading weights."""
+
+    tokens: int  # T of prompt_embeds [B, T, D]: the tokenizer's padded length
+    embed_dim: int  # D: the UNet's cross-attention width (both text encoders' widths for SDXL)
+    text_embeds_dim: int  # SDXL's pooled text embedding width; 1 otherwise (the text encoder sends zeros)
+    time_ids_dim: int  # SDXL's 6 size/crop conditioning values; 1 otherwise
+    latent_channels: int
+    vae_factor: int  # pixels per latent row
+
+    @classmethod
+    def read(cls, model_dir: str | os.PathLike) -> "TensorShapes":
+        folder = Path(model_dir)
+
+        def config(*parts):
+            return json.loads(folder.joinpath(*parts).read_text())
+
+        unet, vae = config("unet", "config.json"), config("vae", "config.json")
+        tokens = int(config("tokenizer", "tokenizer_config.json").get("model_max_length") or 77)
+        if tokens > 4096:  # tokenizers without a limit say 1e30; CLIP's text encoders take 77
+            tokens = int(config("text_encoder", "config.json").get("max_position_embeddings", 77))
+        text_embeds_dim = time_ids_dim = 1
+        if unet.get("addition_embed_type") == "text_time":  # SDXL
+            time_ids_dim = 6
+            text_embeds_dim = int(unet["projection_class_embeddings_input_dim"]) - \
+                time_ids_dim * int(unet["addition_time_embed_dim"])
+        cross = unet["cross_attention_dim"]
+        return cls(tokens=tokens, embed_dim=int(cross if isinstance(cross, int) else cross[0]),
+                   text_embeds_dim=text_embeds_dim, time_ids_dim=time_ids_dim,
+                   latent_channels=int(vae.get("latent_channels", 4)),
+                   vae_factor=2 ** (len(vae["block_out_channels"]) - 1))
+
+
+def tensor(name: str, array: np.ndarray | None, allowed: list[tuple[int, ...]]) -> np.ndarray:
+    """``array`` if its shape is one of ``allowed`` and every value is finite, else InputError naming
+    ``name`` and the allowed shapes."""
+    shapes = " or ".join(str(list(shape)) for shape in allowed)
+    if array is None:
+        raise InputError(f"input '{name}' is required; allowed shape: {shapes}")
+    if tuple(array.shape) not in [tuple(shape) for shape in allowed]:
+        raise InputError(f"input '{name}' has shape {list(array.shape)}; allowed shape: {shapes}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"input '{name}' holds NaN or infinite values; allowed: finite numbers")
+    return array
+
+
+def embeds(values: dict[str, np.ndarray | None], guided: bool, shapes: TensorShapes) -> dict[str, np.ndarray]:
+    """The denoiser's conditioning inputs, checked: batch 2 when guided (negative and positive), else 1."""
+    batch = 2 if guided else 1
+    return {
+        "prompt_embeds": tensor("prompt_embeds", values.get("prompt_embeds"),
+                                [(batch, shapes.tokens, shapes.embed_dim)]),
+        "text_embeds": tensor("text_embeds", values.get("text_embeds"), [(batch, shapes.text_embeds_dim)]),
+        "time_ids": tensor("time_ids", values.get("time_ids"), [(batch, shapes.time_ids_dim)]),
+    }
+
+
+def latents(array: np.ndarray | None, settings: ServingSettings, shapes: TensorShapes) -> np.ndarray:
+    """The VAE decoder's input: [1, C, H/f, W/f] for a built size only."""
+    allowed = [(1, shapes.latent_channels, h // shapes.vae_factor, w // shapes.vae_factor)
+               for h, w in settings.built_sizes]
+    return tensor("latents", array, allowed)
+
+
+def decoded(array: np.ndarray | None, settings: ServingSettings) -> np.ndarray:
+    """The postprocess model's input: the VAE's image [1, 3, H, W] for a built size only."""
+    return tensor("decoded", array, [(1, 3, h, w) for h, w in settings.built_sizes])
