@@ -4,7 +4,6 @@ import dataclasses
 import logging
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 

@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import TINY_RANKS, tiny_serving_settings
 from python_backend.core.ranks import LocalRendezvous
 from python_backend.serving import server as srv
+from python_backend.serving import shared_memory
 from test_server import infer_grpc, infer_http, write_echo_repository
 
 KEY = "test-admin-key-" + uuid.uuid4().hex
@@ -461,7 +462,7 @@ def test_regions_of_a_killed_server_are_removed_at_the_next_start(tmp_path):
         killed.stop()
     assert all(os.path.exists(path) for path in regions)  # left behind
     newest = max(os.stat(path).st_mtime for path in regions)
-    time.sleep(max(0.0, newest + srv.STALE_REGION_MIN_AGE_S + 0.5 - time.time()))
+    time.sleep(max(0.0, newest + shared_memory.STALE_REGION_MIN_AGE_S + 0.5 - time.time()))
 
     with srv.TritonServer(repository, *srv.free_ports(3), workdir=tmp_path / "next") as server:
         assert not [path for path in regions if os.path.exists(path)]

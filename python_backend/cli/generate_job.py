@@ -7,7 +7,6 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..core.denoise import GenerationRequest
 from ..core.model import decode_latents

@@ -73,15 +73,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import ipaddress
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -93,6 +89,29 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Sequence
+
+from .access import (  # noqa: F401  (re-exported: the server's security defaults)
+    ADMIN_GRPC_HEADER,
+    ADMIN_HTTP_HEADER,
+    ADMIN_KEY_ENV_VAR,
+    ADMIN_KEY_NAME,
+    DEFAULT_HOST,
+    OPEN_APIS,
+    RESTRICTED_APIS,
+    check_admin_key,
+    exposure_warning,
+    is_loopback,
+    resolve_admin_key,
+)
+from .processes import free_ports, group_members, kill_group  # noqa: F401  (re-exported for tests and benchmarks)
+from .shared_memory import (  # noqa: F401
+    LAUNCHER,
+    SERVER_UMASK,
+    SHM_REGION_PREFIX,
+    exec_private,
+    remove_stale_shm_regions,
+    stale_shm_regions,
+)
 
 log = logging.getLogger("distrifusion.server")
 
@@ -111,32 +130,6 @@ models) once it gets SIGTERM. :meth:`TritonServer.stop` unloads every model befo
 the wait for idle client connections."""
 DEFAULT_STOP_TIMEOUT_S = 10.0
 """How long :meth:`TritonServer.stop` may take: unloading, then the server's exit."""
-
-DEFAULT_HOST = "127.0.0.1"
-"""Where every endpoint listens unless told otherwise: this host only."""
-
-ADMIN_KEY_ENV_VAR = "DISTRIFUSION_ADMIN_KEY"
-"""Environment variable holding the admin key (when no key or key file is given)."""
-ADMIN_KEY_NAME = "distrifusion-admin-key"
-ADMIN_HTTP_HEADER = ADMIN_KEY_NAME
-"""HTTP header a restricted call must carry, with the admin key as its value."""
-ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_KEY_NAME
-"""gRPC metadata key a restricted call must carry (Triton prefixes the configured key this way)."""
-RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
-"""Restricted by default: what a client of the pipeline never needs (and what can break or read the
-server: shared-memory registration, logging and trace settings, model load/unload)."""
-OPEN_APIS = ("health", "metadata", "inference", "model-config", "statistics")
-"""Always open: what clients and perf_analyzer use."""
-_ADMIN_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
-
-SERVER_UMASK = 0o077
-"""The server's umask: files it (and its stubs) create are readable by this user only."""
-SHM_DIR = Path("/dev/shm")
-SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
-"""The Python backend's region names (its ``shm-region-prefix-name`` default)."""
-STALE_REGION_MIN_AGE_S = 5.0
-"""A region younger than this is never taken for a leftover (its creator may not have mapped it yet)."""
-
 
 class ServerError(RuntimeError):
     """The server could not be found, did not start, or died; the message holds its log tail."""
@@ -250,56 +243,6 @@ def server_environment() -> dict:
     return env
 
 
-# --------------------------------------------------------------------------------------------------
-# Process-group helpers
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free right now on this machine (for tests)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes in process group ``pgid``, read from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def kill_group(pgid: int, timeout: float = 5.0) -> list[int]:
-    """SIGKILL every process left in group ``pgid``; returns those that were found."""
-    found = group_members(pgid)
-    if not found:
-        return []
-    log.warning("killing %d process(es) left in the server's process group: %s", len(found), found)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return found
-    deadline = time.monotonic() + timeout
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
-
-
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -310,160 +253,6 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def _client_host(host: str) -> str:
     return "localhost" if host in ("", "0.0.0.0", "::") else host
-
-
-# --------------------------------------------------------------------------------------------------
-# Security: addresses, the admin key, shared-memory leftovers
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address tritonserver binds to) is reachable from this host only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.removeprefix("ipv6:").strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def exposure_warning(host: str) -> str:
-    return (f"listening on {host}: the HTTP, gRPC and metrics endpoints are reachable from other hosts; "
-            "put TLS and authentication in front of them (see docs/security.md)")
-
-
-def check_admin_key(key: str) -> str:
-    """``key`` if it can be an admin key (16 to 256 characters of ``A-Za-z0-9._~+/-``), else ValueError."""
-    if not _ADMIN_KEY_PATTERN.fullmatch(key):
-        raise ValueError("the admin key must be 16 to 256 characters from A-Z a-z 0-9 . _ ~ + / - "
-                         f"(got {len(key)} characters)")
-    return key
-
-
-def resolve_admin_key(key: str | None = None, key_file: Path | str | None = None,
-                      environ: dict | None = None) -> tuple[str, str]:
-    """The admin key and where it came from: ``key``, else the first line of ``key_file``, else
-    :data:`ADMIN_KEY_ENV_VAR`, else a random key (known to this process only). ValueError if unusable."""
-    environ = os.environ if environ is None else environ
-    if key is not None:
-        return check_admin_key(key), "given"
-    if key_file is not None:
-        lines = Path(key_file).read_text().splitlines()
-        return check_admin_key(lines[0].strip() if lines else ""), f"file {key_file}"
-    if environ.get(ADMIN_KEY_ENV_VAR):
-        return check_admin_key(environ[ADMIN_KEY_ENV_VAR].strip()), f"${ADMIN_KEY_ENV_VAR}"
-    return secrets.token_urlsafe(32), "random"
-
-
-# The Python backend creates its regions through boost.interprocess, which sets their mode explicitly
-# after creating them (fchmod(fd, 0644)): the umask alone leaves them readable by every local user. The
-# server is therefore started through :func:`exec_private`, which installs a seccomp filter (inherited by
-# every process of the tree) turning exactly ``fchmod(fd, 0644)`` into a successful no-op, so that what
-# is created keeps the mode the umask gives it (0600). Any other fchmod, and every other call, is untouched.
-_SECCOMP_ARCHES = {"x86_64": (0xC000003E, 91), "aarch64": (0xC00000B7, 52)}  # AUDIT_ARCH_*, __NR_fchmod
-_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
-_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000  # ERRNO with 0: the call "succeeds"
-_LAUNCHER = "import sys; from python_backend.serving.server import exec_private; exec_private(sys.argv[1:])"
-
-
-def install_fchmod_guard() -> None:
-    """Makes ``fchmod(fd, 0644)`` a no-op in this process and all it starts (seccomp; OSError if refused)."""
-    import ctypes
-    import platform
-
-    if platform.machine() not in _SECCOMP_ARCHES:
-        raise OSError(f"no seccomp filter for {platform.machine()}")
-    arch, fchmod = _SECCOMP_ARCHES[platform.machine()]
-
-    class Instruction(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
-
-    class Program(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Instruction))]
-
-    load, jump_eq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
-    code = [(load, 0, 0, 4), (jump_eq, 0, 5, arch),  # seccomp_data.arch; other: allow
-            (load, 0, 0, 0), (jump_eq, 0, 3, fchmod),  # .nr
-            (load, 0, 0, 24), (jump_eq, 0, 1, 0o644),  # low word of .args[1]: the mode
-            (ret, 0, 0, _SECCOMP_RET_ERRNO), (ret, 0, 0, _SECCOMP_RET_ALLOW)]
-    instructions = (Instruction * len(code))(*(Instruction(*i) for i in code))
-    program = Program(len(code), instructions)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
-            libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "seccomp filter refused: " + os.strerror(ctypes.get_errno()))
-
-
-def exec_private(argv: Sequence[str]) -> None:
-    """Replaces this process with ``argv`` after :func:`install_fchmod_guard` (the launcher of the server)."""
-    try:
-        install_fchmod_guard()
-    except OSError as error:
-        print(f"distrifusion: warning: the Python backend's shared-memory regions stay readable by other "
-              f"users: {error}", file=sys.stderr, flush=True)
-    os.execv(argv[0], list(argv))
-
-
-def _shm_in_use() -> set[str]:
-    """Paths under /dev/shm that a live process maps or holds open (every process /proc shows)."""
-    used = set()
-    prefix = f"{SHM_DIR}/"
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/maps") as maps:
-                for line in maps:
-                    at = line.find(prefix)
-                    if at >= 0:
-                        used.add(line[at:].rstrip("\n").removesuffix(" (deleted)"))
-            for fd in os.scandir(f"/proc/{entry.name}/fd"):
-                try:
-                    target = os.readlink(fd.path)
-                except OSError:
-                    continue
-                if target.startswith(prefix):
-                    used.add(target.removesuffix(" (deleted)"))
-        except OSError:
-            continue  # gone meanwhile, or not ours to read
-    return used
-
-
-def stale_shm_regions(prefix: str = SHM_REGION_PREFIX, min_age_s: float = STALE_REGION_MIN_AGE_S) -> list[Path]:
-    """The Python backend's /dev/shm regions that no live process maps or holds open: left by a server
-    that was killed. Only this user's regions, and none younger than ``min_age_s``."""
-    if not SHM_DIR.is_dir():
-        return []
-    now, uid = time.time(), os.getuid()
-    candidates = []
-    for path in SHM_DIR.glob(f"{prefix}*"):
-        try:
-            info = path.lstat()
-        except OSError:
-            continue
-        if info.st_uid == uid and now - max(info.st_mtime, info.st_ctime) >= min_age_s:
-            candidates.append(path)
-    if not candidates:
-        return []
-    used = _shm_in_use()  # read after listing: a region listed above and mapped since counts as in use
-    return [path for path in candidates if str(path) not in used]
-
-
-def remove_stale_shm_regions(prefix: str = SHM_REGION_PREFIX,
-                             min_age_s: float = STALE_REGION_MIN_AGE_S) -> list[Path]:
-    """Removes :func:`stale_shm_regions`; returns those removed."""
-    removed, freed = [], 0
-    for path in stale_shm_regions(prefix, min_age_s):
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except OSError:
-            continue
-        removed.append(path)
-        freed += size
-    if removed:
-        log.warning("removed %d shared-memory region(s) a crashed server left in %s (%.1f MiB)", len(removed),
-                    SHM_DIR, freed / 2**20)
-    return removed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -566,7 +355,7 @@ class TritonServer:
         log.info("starting tritonserver for %s (log: %s)", self.repository, self.log_path)
         log.debug("command: %s", " ".join(c.replace(self.admin_key, "<admin key>") for c in cmd))
         if self.private_shm:  # through the launcher (exec_private), which becomes tritonserver: same pid
-            cmd = [sys.executable, "-c", _LAUNCHER, *cmd]
+            cmd = [sys.executable, "-c", LAUNCHER, *cmd]
         self.process = subprocess.Popen(cmd, stdout=self._log_file,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         cwd=self.workdir, start_new_session=True, umask=SERVER_UMASK)
