@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from python_backend.cli import main
+from python_backend.core.defaults import MAX_STEPS
 
 
 def _run(argv):
@@ -30,7 +31,7 @@ def _generate_args(model, *extra):
         (["--height", "200"], "--height and --width must be multiples of 32 for this model"),
         (["--height", "128", "--ranks", "5", "--no-split-cfg"], "--ranks 5 is too many for --height 128 (at most 4)"),
         (["--height", "128", "--ranks", "10"], "--ranks 10 is too many for --height 128 (at most 8)"),
-        (["--steps", "0"], "--steps must be between 1 and 1000, got 0"),
+        (["--steps", "0"], f"--steps must be between 1 and {MAX_STEPS}, got 0"),
         (["--ranks", "0"], "--ranks must be >= 1, got 0"),
         (["--num-images", "0"], "--num-images must be >= 1, got 0"),
         (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),

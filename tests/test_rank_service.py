@@ -1,5 +1,7 @@
 """The long-lived rank group behind the Triton denoiser, without Triton."""
 
+import multiprocessing
+import multiprocessing.spawn
 import os
 import signal
 import statistics
@@ -115,6 +117,10 @@ def test_a_worker_that_dies_while_starting_fails_the_start_at_once(tiny_sdxl, tm
     broken.write_text("#!/bin/sh\nexit 3\n")
     broken.chmod(0o755)
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match="rank worker 1 exited \\(code 3\\) before it was joining"):
-        RankService(RankServiceConfig(str(tiny_sdxl), world_size=TINY_RANKS, python=str(broken)))
+    executable = multiprocessing.spawn.get_executable()  # the interpreter is process-wide: put it back
+    try:
+        with pytest.raises(RuntimeError, match="rank worker 1 exited \\(code 3\\) before it was joining"):
+            RankService(RankServiceConfig(str(tiny_sdxl), world_size=TINY_RANKS, python=str(broken)))
+    finally:
+        multiprocessing.set_executable(executable)
     assert time.monotonic() - started < 60  # seen when it exits, not after a timeout
