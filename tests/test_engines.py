@@ -49,7 +49,7 @@ def _latents(model, world_size, engine, folder, mode):
     return run_on_ranks(world_size, _counting_job, (job,))
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_onnxruntime_equals_eager(tiny_sdxl, engine_root, world_size):
     import json
 
@@ -127,6 +127,7 @@ def test_engines_refuse_a_generation_they_were_not_built_for(tiny_sdxl, engine_r
         run_on_ranks(1, run_generation_job, (job,))
 
 
+@pytest.mark.slow
 def test_sd15_layout_segments_on_onnxruntime(tiny_sd15, engine_root):
     """SD 1.x: four levels, 1x1-conv projections, cross-attention in the first down block."""
     request = GenerationRequest("a watercolor fox", height=256, width=128, steps=5, guidance=6.0, seed=2)
