@@ -26,7 +26,7 @@ def fill_repository(out: Path, settings: ServingSettings) -> Path:
         raise FileNotFoundError(f"model repository templates not found at {TEMPLATES}")
     out.mkdir(parents=True, exist_ok=True)
     parameters = "\n".join(
-        f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        f'parameters {{ key: "{key}" value: {{ string_value: {pbtxt_string(value)} }} }}'
         for key, value in settings.as_parameters().items()
     )
     queue = queue_policy(settings)
@@ -40,6 +40,12 @@ def fill_repository(out: Path, settings: ServingSettings) -> Path:
     log.info("model repository ready at %s (%d rank(s), %s, sizes %s)", out, settings.ranks, settings.engine,
              settings.sizes)
     return out
+
+
+def pbtxt_string(value: str) -> str:
+    """``value`` as a quoted protobuf text-format string (a model path may hold quotes or backslashes)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def queue_policy(settings: ServingSettings) -> str:
