@@ -57,3 +57,15 @@ def kill_group(pgid: int, timeout: float = 5.0) -> list[int]:
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
     return found
+
+
+def wait_group_exit(pgid: int, timeout: float) -> bool:
+    """Waits up to ``timeout`` s for every process of group ``pgid`` to exit on its own; returns whether
+    they did. Helpers such as multiprocessing's resource trackers outlive the server by a moment while
+    they unlink what their process left (semaphores, shared memory); killing them loses that."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

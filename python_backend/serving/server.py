@@ -103,9 +103,10 @@ from .access import (  # noqa: F401  (re-exported: the server's security default
     is_loopback,
     resolve_admin_key,
 )
-from .processes import free_ports, group_members, kill_group  # noqa: F401  (re-exported for tests and benchmarks)
+from .processes import free_ports, group_members, kill_group, wait_group_exit  # noqa: F401  (re-exported)
 from .shared_memory import (  # noqa: F401
     LAUNCHER,
+    SEMAPHORE_PREFIX,
     SERVER_UMASK,
     SHM_REGION_PREFIX,
     exec_private,
@@ -130,6 +131,10 @@ models) once it gets SIGTERM. :meth:`TritonServer.stop` unloads every model befo
 the wait for idle client connections."""
 DEFAULT_STOP_TIMEOUT_S = 10.0
 """How long :meth:`TritonServer.stop` may take: unloading, then the server's exit."""
+GROUP_EXIT_GRACE_S = 3.0
+"""After the server exits, how long what is left of its process group may take to exit on its own
+before it is killed."""
+
 
 class ServerError(RuntimeError):
     """The server could not be found, did not start, or died; the message holds its log tail."""
@@ -349,6 +354,7 @@ class TritonServer:
         if not is_loopback(self.host):
             log.warning("warning: %s", exposure_warning(self.host))
         remove_stale_shm_regions(self._shm_region_prefix())
+        remove_stale_shm_regions(SEMAPHORE_PREFIX)  # unmapped by every process: nobody can be using them
         env = server_environment()
         env.pop(ADMIN_KEY_ENV_VAR, None)  # the server has it on its command line; its models need not
         self._log_file = open(self.log_path, "wb")
@@ -407,6 +413,7 @@ class TritonServer:
                 log.warning("tritonserver did not exit within %g s; killing it", wait)
                 self.process.kill()
                 self.process.wait()
+        wait_group_exit(self.pgid, GROUP_EXIT_GRACE_S)  # let resource trackers unlink what they track
         kill_group(self.pgid)
         if self._log_file is not None:
             self._log_file.close()

@@ -16,6 +16,9 @@ SERVER_UMASK = 0o077
 """The server's umask: files it (and its stubs) create are readable by this user only."""
 SHM_DIR = Path("/dev/shm")
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+SEMAPHORE_PREFIX = "sem.mp-"
+"""multiprocessing's named semaphores (tqdm's progress-bar lock creates one in every process that shows
+a bar): a killed stub or rank worker leaves its own behind."""
 """The Python backend's region names (its ``shm-region-prefix-name`` default)."""
 STALE_REGION_MIN_AGE_S = 5.0
 """A region younger than this is never taken for a leftover (its creator may not have mapped it yet)."""
@@ -71,8 +74,9 @@ def exec_private(argv: Sequence[str]) -> None:
     os.execv(argv[0], list(argv))
 
 
-def _shm_in_use() -> set[str]:
-    """Paths under /dev/shm that a live process maps or holds open (every process /proc shows)."""
+def _shm_in_use() -> set[int]:
+    """Inodes of files under /dev/shm that a live process maps or holds open (every process /proc
+    shows). By inode, not path: glibc maps a named semaphore under a temporary name it then renames."""
     used = set()
     prefix = f"{SHM_DIR}/"
     for entry in os.scandir("/proc"):
@@ -81,16 +85,14 @@ def _shm_in_use() -> set[str]:
         try:
             with open(f"/proc/{entry.name}/maps") as maps:
                 for line in maps:
-                    at = line.find(prefix)
-                    if at >= 0:
-                        used.add(line[at:].rstrip("\n").removesuffix(" (deleted)"))
+                    if prefix in line:
+                        used.add(int(line.split()[4]))  # address perms offset dev inode path
             for fd in os.scandir(f"/proc/{entry.name}/fd"):
                 try:
-                    target = os.readlink(fd.path)
+                    if os.readlink(fd.path).startswith(prefix):
+                        used.add(os.stat(fd.path).st_ino)
                 except OSError:
                     continue
-                if target.startswith(prefix):
-                    used.add(target.removesuffix(" (deleted)"))
         except OSError:
             continue  # gone meanwhile, or not ours to read
     return used
@@ -109,11 +111,11 @@ def stale_shm_regions(prefix: str = SHM_REGION_PREFIX, min_age_s: float = STALE_
         except OSError:
             continue
         if info.st_uid == uid and now - max(info.st_mtime, info.st_ctime) >= min_age_s:
-            candidates.append(path)
+            candidates.append((path, info.st_ino))
     if not candidates:
         return []
     used = _shm_in_use()  # read after listing: a region listed above and mapped since counts as in use
-    return [path for path in candidates if str(path) not in used]
+    return [path for path, inode in candidates if inode not in used]
 
 
 def remove_stale_shm_regions(prefix: str = SHM_REGION_PREFIX,
