@@ -89,10 +89,6 @@ class PatchParallelDenoiser:
         """Serve on a new rank group (after a restart) with the model already loaded."""
         self.ranks = ranks
 
-    @property
-    def is_sdxl(self) -> bool:
-        return hasattr(self.pipe, "text_encoder_2")
-
     @torch.no_grad()
     def generate(
         self, request: GenerationRequest, parallel: ParallelConfig | None = None, on_step=None,

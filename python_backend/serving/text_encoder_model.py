@@ -23,7 +23,6 @@ class TritonPythonModel:
             self.settings.model_dir, unet=None, vae=None, local_files_only=True,
             dtype=torch_dtype("auto", device),
         ).to(device)
-        self.sdxl = hasattr(self.pipe, "text_encoder_2")
         with torch.no_grad():  # warm-up: the first request pays no first call's costs
             encode_prompt(self.pipe, "warm-up", None, 1, self.settings.default_guidance > 1,
                           self.settings.default_height, self.settings.default_width)
