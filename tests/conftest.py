@@ -97,3 +97,11 @@ def wait_until_busy(pid: int, cpu: float = 0.3, timeout: float = 120.0) -> None:
     while cpu_seconds(pid) - start < cpu:
         assert time.monotonic() < deadline, f"process {pid} did not start computing within {timeout:g} s"
         time.sleep(0.02)
+
+
+def broken_repository(folder):
+    """A model repository whose one model has an unreadable config: the server cannot serve it."""
+    repository = folder / "repository"
+    (repository / "broken").mkdir(parents=True)
+    (repository / "broken" / "config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')
+    return repository

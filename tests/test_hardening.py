@@ -28,7 +28,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import TINY_RANKS, tiny_serving_settings
+from conftest import broken_repository, TINY_RANKS, tiny_serving_settings
 from python_backend.core.ranks import LocalRendezvous
 from python_backend.serving import server as srv
 from python_backend.serving import shared_memory
@@ -232,9 +232,7 @@ def test_local_rendezvous_is_private_and_removed_by_its_creator_only():
 
 
 def test_serve_on_all_interfaces_warns(tmp_path):
-    repository = tmp_path / "repository"
-    (repository / "broken").mkdir(parents=True)
-    (repository / "broken" / "config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')
+    repository = broken_repository(tmp_path)
     http, grpc, metrics = srv.free_ports(3)
     done = subprocess.run([sys.executable, "-m", "python_backend.cli", "serve", "--repository", str(repository),
                            "--host", "0.0.0.0", "--http-port", str(http), "--grpc-port", str(grpc),

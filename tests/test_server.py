@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import broken_repository
 from python_backend.serving import server as srv
 from python_backend.serving.perf_tools import find_perf_analyzer, run_perf_analyzer
 
@@ -258,9 +259,7 @@ def test_serve_command_stops_cleanly_on_sigint(tmp_path):
 
 
 def test_dead_server_raises_with_log_tail(tmp_path):
-    repository = tmp_path / "repository"
-    (repository / "broken").mkdir(parents=True)
-    (repository / "broken" / "config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')
+    repository = broken_repository(tmp_path)
     http, grpc, metrics = srv.free_ports(3)
     server = srv.TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
                               host="127.0.0.1", workdir=tmp_path / "work")
