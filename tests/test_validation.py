@@ -102,7 +102,7 @@ CHANGED = ServingSettings(
     engine_dir="/engines/abc", device="cpu", sizes="1024x1024,768x1344", default_steps=30, default_guidance=7.25,
     default_scheduler="dpmpp-2m", default_seed=123456789012, default_height=768, default_width=1344, max_steps=150,
     min_guidance=0.5, max_guidance=20.0, max_prompt_chars=500, request_timeout_s=12.5, rank_timeout_s=0.25,
-    max_queue_size=4, queue_timeout_s=2.5,
+    max_queue_size=4, queue_timeout_s=2.5, max_request_bytes=123456, max_request_id_chars=16,
 )
 
 
@@ -125,6 +125,25 @@ def test_settings_round_trip_through_a_model_config():
     assert back == CHANGED
     assert isinstance(back.ranks, int) and isinstance(back.split_cfg, bool) and isinstance(back.default_guidance, float)
     assert ServingSettings.from_model_config(json.loads(_as_triton_passes(parameters))) == CHANGED  # a dict too
+
+
+def test_the_body_limit_is_sized_for_the_largest_built_size_unless_set():
+    stock = ServingSettings(sizes="128x128")
+    assert stock.request_body_limit() == 4 << 20  # a pipeline request is a few kB; the floor
+    large = ServingSettings(sizes="1024x1024,2048x2048")
+    # postprocess's decoded image at 2048^2 in binary (50 MB) must fit, twice over, plus 1 MiB
+    assert large.request_body_limit() == 2 * 3 * 2048 * 2048 * 4 + (1 << 20)
+    assert ServingSettings(sizes="2048x2048", max_request_bytes=1000).request_body_limit() == 1000
+
+
+def test_the_server_reads_the_limit_from_a_filled_repository(tmp_path):
+    from python_backend.serving.repository import fill_repository
+    from python_backend.serving.server import DEFAULT_MAX_REQUEST_BYTES, repository_body_limit
+
+    repository = fill_repository(tmp_path / "repository", CHANGED)
+    assert ServingSettings.read_repository(repository) == CHANGED
+    assert repository_body_limit(repository) == 123456
+    assert repository_body_limit(tmp_path / "not-a-repository") == DEFAULT_MAX_REQUEST_BYTES
 
 
 def test_a_filled_repository_config_reads_back_as_the_same_settings(tmp_path):

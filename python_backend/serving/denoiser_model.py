@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,8 +21,12 @@ from ..core.model import Conditioning, ModelInfo
 from ..core.modes import Mode
 from ..core.parallel import ParallelConfig
 from .rank_service import RankService, RankServiceConfig, warmup_requests
-from . import triton_io, validation
+from . import signals, triton_io, validation
 from .settings import ServingSettings
+
+WATCH_INTERVAL_S = 1.0
+"""How often the idle rank group is checked for a dead worker (replaced at once, not by the next request)."""
+MAX_RETRY_DELAY_S = 60.0
 
 
 class TritonPythonModel:
@@ -39,11 +44,40 @@ class TritonPythonModel:
             # every built size, shaped like a default request: no request pays a first call's costs
             warmup=warmup_requests(s.built_sizes, s.default_guidance, s.default_scheduler),
         )
-        self.service = RankService(config)
+        self.service = RankService(config, on_state=self._publish_state)
         self.sdxl = ModelInfo.read(s.model_dir).family == "sdxl"
         self.shapes = validation.TensorShapes.read(s.model_dir)  # what this model's text encoder sends
         self._metrics()
         self._restarts_counted = 0
+        self._busy = threading.Lock()  # one request or one repair of the group at a time
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_group, name="rank-group-watch", daemon=True)
+        self._watcher.start()
+
+    @staticmethod
+    def _publish_state(state: str, reason: str, workers: list[int]) -> None:
+        signals.publish_state("denoiser", state, reason, workers)
+        if state != signals.READY:
+            pb_utils.Logger.log_warn(f"rank group {state}{': ' + reason if reason else ''}")
+
+    def _watch_group(self) -> None:
+        """Replaces a group that lost a worker while idle (or failed to restart) without waiting for a
+        request, so that readiness, which says not ready meanwhile, comes back by itself."""
+        delay, retry_at = WATCH_INTERVAL_S, 0.0
+        while not self._closing.wait(WATCH_INTERVAL_S):
+            if time.monotonic() < retry_at:
+                continue
+            with self._busy:
+                if self._closing.is_set() or not self.service.needs_restart():
+                    continue
+                try:
+                    self.service.ensure_ready()
+                    delay = WATCH_INTERVAL_S
+                except Exception as error:  # published as failed; tried again later
+                    pb_utils.Logger.log_error(f"the rank group could not be restarted: {error}; "
+                                              f"next try in {delay:.0f} s")
+                    retry_at, delay = time.monotonic() + delay, min(2 * delay, MAX_RETRY_DELAY_S)
+                self._count_restarts()
 
     def _metrics(self):
         labels = {"model": "denoiser"}
@@ -73,10 +107,11 @@ class TritonPythonModel:
                                       "Restarts of the rank group (a rank died, hung or failed to start)")
 
     def execute(self, requests):
-        try:
-            return triton_io.answer_each(requests, self._denoise)
-        finally:
-            self._count_restarts()
+        with self._busy:
+            try:
+                return triton_io.answer_each(requests, self._denoise, self.settings.max_request_id_chars)
+            finally:
+                self._count_restarts()
 
     def _count_restarts(self) -> None:
         restarts = self.service.restarts
@@ -96,10 +131,20 @@ class TritonPythonModel:
         added = None
         if self.sdxl:
             added = {k: torch.from_numpy(checked[k]).to(device) for k in ("text_embeds", "time_ids")}
+        # the gateway marks a request whose client disconnected or cancelled; Triton tells only a gRPC
+        # cancellation of a request sent to this model itself (is_cancelled)
+        client_gone = signals.cancel_probe(request.parameters())
+        is_cancelled = getattr(request, "is_cancelled", lambda: False)
+
+        def cancelled() -> bool:
+            return is_cancelled() or client_gone()
+
+        if cancelled():
+            pb_utils.Logger.log_warn("denoising request cancelled by the client before it started")
+            raise triton_io.Stopped("request cancelled by the client before it started")
         self.service.ensure_ready()  # a restart after a worker died while idle is not this request's time
         started = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s
-        cancelled = getattr(request, "is_cancelled", lambda: False)
 
         def should_stop() -> bool:
             return cancelled() or time.monotonic() > deadline
@@ -121,6 +166,8 @@ class TritonPythonModel:
         return {"latents": result.latents.float().cpu().numpy()}
 
     def finalize(self):
+        self._closing.set()
+        self._watcher.join()
         self.service.close()
         triton_io.log_finalized("denoiser")
 

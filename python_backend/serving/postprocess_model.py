@@ -19,7 +19,7 @@ class TritonPythonModel:
             return {"image": to_uint8(torch.from_numpy(validation.decoded(triton_io.tensor(request, "decoded"),
                                                                            self.settings)))[0]}
 
-        return triton_io.answer_each(requests, convert)
+        return triton_io.answer_each(requests, convert, self.settings.max_request_id_chars)
 
     def finalize(self):
         triton_io.log_finalized("postprocess")

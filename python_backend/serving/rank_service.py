@@ -32,6 +32,7 @@ from ..core.model import Conditioning
 from ..core.parallel import ParallelConfig
 from ..core.ranks import LocalRendezvous, RankGroup
 from ..engines.loader import load_denoiser
+from .signals import FAILED, READY, RESTARTING, STARTING
 
 log = logging.getLogger("distrifusion.rank_service")
 
@@ -115,15 +116,24 @@ def _signal(ranks: RankGroup, more: bool) -> None:
 
 
 class RankService:
-    def __init__(self, config: RankServiceConfig):
+    def __init__(self, config: RankServiceConfig, on_state=None):
+        """``on_state(state, reason, worker_pids)``: told when the group is starting, ready, restarting or
+        failed (``signals.STARTING`` ...), e.g. to publish it for the server's readiness."""
         self.config = config
+        self.on_state = on_state or (lambda state, reason, workers: None)
         self.workers: list[multiprocessing.Process] = []
         self.denoiser = None
         self.ranks = RankGroup.single()
         self.restarts = 0
         self.last_start_s = 0.0  # how long the last (re)start took, warm-up included
         self._group_ok = False  # False after a start that failed: the next request restarts the group
-        self._start_group()
+        self.on_state(STARTING, "", [])
+        try:
+            self._start_group()
+        except BaseException as error:
+            self.on_state(FAILED, f"{type(error).__name__}: {error}", [])
+            raise
+        self.on_state(READY, "", self.worker_pids)
 
     def _start_group(self) -> None:
         """Starts the workers, joins the group, loads rank 0's model (once) and waits until every rank
@@ -246,6 +256,10 @@ class RankService:
         if dead:
             self._restart(f"rank worker(s) {dead} had exited")
 
+    def needs_restart(self) -> bool:
+        """Whether a worker has exited or the last start failed (``ensure_ready`` would restart)."""
+        return not self._group_ok or bool(self._dead_workers())
+
     def _dead_workers(self) -> list[int]:
         return [rank for rank, w in enumerate(self.workers, start=1) if not w.is_alive()]
 
@@ -253,11 +267,17 @@ class RankService:
         """Replaces the group; returns once the new one is loaded and warm (before the failed request
         returns, so the next request finds a group as fast as ever)."""
         log.error("restarting the rank group: %s", reason)
+        self.on_state(RESTARTING, reason, [])
         self._group_ok = False
         self._stop_workers(kill=True)
         self.ranks.close()
         self.restarts += 1
-        self._start_group()
+        try:
+            self._start_group()
+        except BaseException as error:
+            self.on_state(FAILED, f"restart after {reason} failed: {error}", [])
+            raise
+        self.on_state(READY, "", self.worker_pids)
         log.info("rank group of %d restarted (%d restart(s) so far)", self.config.world_size, self.restarts)
 
     def _stop_workers(self, kill: bool, timeout: float = 10.0) -> None:

@@ -76,6 +76,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,7 +104,9 @@ from .access import (  # noqa: F401  (re-exported: the server's security default
     is_loopback,
     resolve_admin_key,
 )
+from .gateway import Gateway
 from .processes import free_ports, group_members, kill_group, wait_group_exit  # noqa: F401  (re-exported)
+from .signals import CANCEL_DIR_ENV_VAR, STATUS_DIR_ENV_VAR, CancelMarkers, state_problems
 from .shared_memory import (  # noqa: F401
     LAUNCHER,
     SEMAPHORE_PREFIX,
@@ -131,6 +134,12 @@ models) once it gets SIGTERM. :meth:`TritonServer.stop` unloads every model befo
 the wait for idle client connections."""
 DEFAULT_STOP_TIMEOUT_S = 10.0
 """How long :meth:`TritonServer.stop` may take: unloading, then the server's exit."""
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+"""The gateway's request body limit for a repository without deployment settings (see
+``ServingSettings.request_body_limit`` for the one a deployment gets)."""
+STUB_NAME = "triton_python_backend_stub"
+HEALTH_INTERVAL_S = 0.5
+"""How often ``distrifusion serve`` checks that tritonserver and every loaded model's stub are alive."""
 GROUP_EXIT_GRACE_S = 3.0
 """After the server exits, how long what is left of its process group may take to exit on its own
 before it is killed."""
@@ -270,10 +279,13 @@ class TritonServer:
     def __init__(self, repository, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  host: str = DEFAULT_HOST, workdir=None, log_verbose: int = 0, extra_args: Sequence[str] = (),
                  admin_key: str | None = None, restricted_apis: Sequence[str] = RESTRICTED_APIS,
-                 private_shm: bool = True):
+                 private_shm: bool = True, gateway: bool = True, max_request_bytes: int | None = None):
         """``admin_key``: the key restricted APIs need (default: :func:`resolve_admin_key`);
         ``restricted_apis``: those restricted (a subset of :data:`RESTRICTED_APIS` opens the others);
-        ``private_shm``: start the server through :func:`exec_private` (regions 0600, no_new_privs)."""
+        ``private_shm``: start the server through :func:`exec_private` (regions 0600, no_new_privs);
+        ``gateway``: put the gateway (``gateway.py``: body limit, cancellation on disconnect, truthful
+        readiness) on the HTTP and gRPC ports, tritonserver's own on free loopback ports behind it;
+        ``max_request_bytes``: its body limit (default: the deployment's, :func:`repository_body_limit`)."""
         self.repository = Path(repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
@@ -286,7 +298,13 @@ class TritonServer:
             raise ValueError(f"unknown API(s) {unknown}; Triton's are {RESTRICTED_APIS + OPEN_APIS}")
         self.restricted_apis = tuple(dict.fromkeys(restricted_apis))
         self.private_shm = private_shm
+        self.use_gateway = gateway
+        self.max_request_bytes = max_request_bytes or repository_body_limit(self.repository)
         self.process: subprocess.Popen | None = None
+        self.gateway: Gateway | None = None
+        # where tritonserver itself listens: behind the gateway, free loopback ports chosen at start
+        self.triton_host, self.triton_http_port, self.triton_grpc_port = host, http_port, grpc_port
+        self._python_models = _python_models(self.repository)
         self._log_file = None
 
     # -- public API -------------------------------------------------------------------------------
@@ -322,12 +340,20 @@ class TritonServer:
         """The header a restricted call needs: ``protocol`` "http" or "grpc" (its metadata key)."""
         return {ADMIN_GRPC_HEADER if protocol == "grpc" else ADMIN_HTTP_HEADER: self.admin_key}
 
+    @property
+    def cancel_dir(self) -> Path | None:
+        return self.workdir / "cancelled" if self.workdir is not None else None
+
+    @property
+    def status_dir(self) -> Path | None:
+        return self.workdir / "status" if self.workdir is not None else None
+
     def command(self, backend_dir: Path) -> list[str]:
         args = [str(find_tritonserver()),
                 f"--model-repository={self.repository}",
                 f"--backend-directory={backend_dir}",
-                f"--http-address={self.host}", f"--http-port={self.http_port}",
-                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--http-address={self.triton_host}", f"--http-port={self.triton_http_port}",
+                f"--grpc-address={self.triton_host}", f"--grpc-port={self.triton_grpc_port}",
                 "--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 f"--log-verbose={self.log_verbose}"]
         if self.restricted_apis:
@@ -350,6 +376,12 @@ class TritonServer:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="distrifusion-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.use_gateway:
+            self.triton_host = DEFAULT_HOST
+            self.triton_http_port, self.triton_grpc_port = free_ports(2)
+        for folder in (self.cancel_dir, self.status_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(mode=0o700)
         cmd = self.command(prepare_backend_dir(self.workdir))
         if not is_loopback(self.host):
             log.warning("warning: %s", exposure_warning(self.host))
@@ -357,6 +389,11 @@ class TritonServer:
         remove_stale_shm_regions(SEMAPHORE_PREFIX)  # unmapped by every process: nobody can be using them
         env = server_environment()
         env.pop(ADMIN_KEY_ENV_VAR, None)  # the server has it on its command line; its models need not
+        env[STATUS_DIR_ENV_VAR] = str(self.status_dir)
+        if self.use_gateway:
+            env[CANCEL_DIR_ENV_VAR] = str(self.cancel_dir)
+        else:
+            env.pop(CANCEL_DIR_ENV_VAR, None)
         self._log_file = open(self.log_path, "wb")
         log.info("starting tritonserver for %s (log: %s)", self.repository, self.log_path)
         log.debug("command: %s", " ".join(c.replace(self.admin_key, "<admin key>") for c in cmd))
@@ -365,6 +402,14 @@ class TritonServer:
         self.process = subprocess.Popen(cmd, stdout=self._log_file,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         cwd=self.workdir, start_new_session=True, umask=SERVER_UMASK)
+        if self.use_gateway:
+            try:
+                self.gateway = Gateway(self.host, self.http_port, self.grpc_port, self.triton_host,
+                                       self.triton_http_port, self.triton_grpc_port, self.max_request_bytes,
+                                       CancelMarkers(self.cancel_dir), readiness=self.health_problems).start()
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -387,6 +432,38 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def health_problems(self) -> list[str]:
+        """Why the deployment cannot serve although tritonserver may say it is ready (empty: none):
+        tritonserver exited, a loaded Python model has no live stub (killed; Triton 2.51 would hang its
+        requests), or a model's rank group is (re)starting, failed or lost a worker."""
+        if not self.is_running():
+            return ["tritonserver is not running"]
+        try:
+            loaded = self.loaded_python_models()
+        except (OSError, ValueError, KeyError):
+            return ["tritonserver does not answer"]
+        stubs = self.stub_processes()
+        problems = [f"model '{name}': its Python backend stub process has exited"
+                    for name in loaded if name not in stubs]
+        return problems + state_problems(self.status_dir, _alive)
+
+    def loaded_python_models(self) -> list[str]:
+        """The Python models tritonserver has loaded (READY), from its repository index."""
+        return sorted({m["name"] for m in self._repository_index() if m.get("state") == "READY"}
+                      & self._python_models)
+
+    def stub_processes(self) -> dict[str, list[int]]:
+        """Live Python backend stubs of the server by model name."""
+        found: dict[str, list[int]] = {}
+        for pid in group_members(self.pgid) if self.pgid else []:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if Path(os.fsdecode(argv[0])).name == STUB_NAME and len(argv) > 1:
+                found.setdefault(Path(os.fsdecode(argv[1])).parent.parent.name, []).append(pid)
+        return found
+
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         """Stops the server cleanly in about ``timeout`` s, open client connections or not: unloads every
         model through the model-control API (in-flight requests finish, each ``finalize`` runs), then
@@ -404,6 +481,7 @@ class TritonServer:
             exit_wait = self.exit_timeout_s + 2.0  # the server's own wait after SIGTERM, and its exit
             if self.explicit_model_control:  # a longer exit timeout asked for: as long a wait here
                 self.unload_models(max(timeout - exit_wait, float(self.exit_timeout_s), 1.0))
+            self._stop_gateway()  # closes its connections to tritonserver too: nothing left to wait for
             log.info("stopping tritonserver (pid %d)", self.process.pid)
             self.process.send_signal(signal.SIGTERM)
             wait = max(timeout - (time.monotonic() - started), exit_wait)
@@ -413,6 +491,7 @@ class TritonServer:
                 log.warning("tritonserver did not exit within %g s; killing it", wait)
                 self.process.kill()
                 self.process.wait()
+        self._stop_gateway()
         wait_group_exit(self.pgid, GROUP_EXIT_GRACE_S)  # let resource trackers unlink what they track
         kill_group(self.pgid)
         if self._log_file is not None:
@@ -461,6 +540,11 @@ class TritonServer:
 
     # -- helpers ----------------------------------------------------------------------------------
 
+    def _stop_gateway(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+
     def _require_started(self) -> None:
         if self.process is None:
             raise ServerError("the server is not started")
@@ -469,7 +553,8 @@ class TritonServer:
         return "127.0.0.1" if self.host in ("", "0.0.0.0") else ("::1" if self.host == "::" else self.host)
 
     def _admin_post(self, path: str, timeout: float = 5.0) -> bytes:
-        request = urllib.request.Request(f"http://{_url_host(self._probe_host())}:{self.http_port}{path}",
+        host = self._probe_host() if not self.use_gateway else self.triton_host
+        request = urllib.request.Request(f"http://{_url_host(host)}:{self.triton_http_port}{path}",
                                          data=b"{}", method="POST", headers=self.admin_headers("http"))
         with urllib.request.urlopen(request, timeout=min(timeout, 5.0)) as response:
             return response.read()
@@ -485,6 +570,35 @@ class TritonServer:
 
 
 _LIVE_STATES = ("READY", "LOADING", "UNLOADING")
+
+
+def _python_models(repository: Path) -> set[str]:
+    """The models of ``repository`` that the Python backend runs (each needs a live stub)."""
+    found = set()
+    for config in repository.glob("*/config.pbtxt"):
+        try:
+            if re.search(r'backend:\s*"python"', config.read_text()):
+                found.add(config.parent.name)
+        except OSError:
+            continue
+    return found
+
+
+def repository_body_limit(repository: Path) -> int:
+    """The request body limit of the deployment in ``repository`` (its settings' ``request_body_limit``),
+    :data:`DEFAULT_MAX_REQUEST_BYTES` for a repository without deployment settings."""
+    from .settings import ServingSettings
+
+    settings = ServingSettings.read_repository(repository)
+    return settings.request_body_limit() if settings is not None else DEFAULT_MAX_REQUEST_BYTES
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _last_option(args: Sequence[str], name: str) -> str | None:
@@ -530,6 +644,12 @@ def add_serve_command(commands) -> argparse.ArgumentParser:
                             "key: nobody can call them)")
     serve.add_argument("--open-api", action="append", choices=RESTRICTED_APIS, default=[], metavar="API",
                        help=f"leave this API open to every client (repeatable; one of {', '.join(RESTRICTED_APIS)})")
+    serve.add_argument("--max-request-bytes", type=int, default=None,
+                       help="largest request body accepted (HTTP 413 / gRPC RESOURCE_EXHAUSTED above; default: the "
+                            "deployment's max_request_bytes, sized for its largest legitimate request)")
+    serve.add_argument("--no-gateway", action="store_true",
+                       help="let tritonserver listen on the ports itself, without the gateway (no body limit, no "
+                            "cancellation when a client disconnects, readiness as Triton reports it)")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver log verbosity (0: off)")
     serve.add_argument("--workdir", type=Path, default=None,
                        help="folder for the server log and backends (default: a new temporary folder)")
@@ -551,7 +671,9 @@ def serve_command(args: argparse.Namespace) -> int:
     server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host, workdir=args.workdir,
                           log_verbose=args.log_verbose, admin_key=key,
-                          restricted_apis=[api for api in RESTRICTED_APIS if api not in opened])
+                          restricted_apis=[api for api in RESTRICTED_APIS if api not in opened],
+                          gateway=not getattr(args, "no_gateway", False),
+                          max_request_bytes=getattr(args, "max_request_bytes", None))
     server.admin_key_source = source
     stop_requested = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -576,6 +698,8 @@ def _serve_until_stopped(server: TritonServer, stop_requested: threading.Event, 
         print(f"distrifusion serve: error: {error}", file=sys.stderr)
         return 1
     urls = server.urls
+    limits = (f"at most {server.max_request_bytes} bytes (gateway)" if server.use_gateway
+              else "no limit (--no-gateway)")
     restricted = (f"{', '.join(server.restricted_apis)} need the '{ADMIN_HTTP_HEADER}' header "
                   f"(key: {server.admin_key_source})" if server.restricted_apis else "none")
     print(f"Triton is serving {server.repository}\n"
@@ -584,11 +708,22 @@ def _serve_until_stopped(server: TritonServer, stop_requested: threading.Event, 
           f"  metrics: {urls['metrics']}\n"
           f"  log:     {server.log_path}\n"
           f"  restricted APIs: {restricted}\n"
+          f"  request bodies: {limits}\n"
           "Press Ctrl+C to stop.", flush=True)
-    while not stop_requested.wait(0.5):
+    while not stop_requested.wait(HEALTH_INTERVAL_S):
         if not server.is_running():
             print(f"distrifusion serve: error: tritonserver exited with code {server.process.returncode}; "
                   f"last lines of {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        try:
+            dead = [name for name in server.loaded_python_models() if name not in server.stub_processes()]
+        except (OSError, ValueError, KeyError):  # busy or stopping: asked again next time
+            dead = []
+        if dead and not stop_requested.is_set():
+            # Triton would hang such a model's requests while it reports ready: stop, so that the
+            # supervisor (docker compose's restart policy, systemd, Kubernetes) starts a fresh deployment
+            print(f"distrifusion serve: error: the Python backend stub of model(s) {dead} died; stopping the "
+                  "server so that it can be restarted", file=sys.stderr, flush=True)
             return 1
     print("Stopping the server ...", flush=True)
     return 0

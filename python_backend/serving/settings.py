@@ -42,6 +42,10 @@ class ServingSettings:
     queue_timeout_s: float = 300.0
     request_timeout_s: float = 600.0  # a request still denoising after this long stops at the next step
     rank_timeout_s: float = 60.0  # a rank silent this long (dead or hung) fails the request; the group restarts
+    # The gateway refuses a request body larger than this (HTTP 413, gRPC RESOURCE_EXHAUSTED) before
+    # tritonserver reads it. 0: sized for the deployment's largest legitimate request (request_body_limit).
+    max_request_bytes: int = 0
+    max_request_id_chars: int = 128  # a longer request id is refused (400 naming 'id')
 
     @classmethod
     def from_model_config(cls, model_config: str | dict) -> "ServingSettings":
@@ -59,6 +63,32 @@ class ServingSettings:
 
     def as_parameters(self) -> dict[str, str]:
         return {f.name: _format(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def read_repository(cls, repository) -> "ServingSettings | None":
+        """The settings a filled repository's denoiser reads (None: not a repository of this project)."""
+        from pathlib import Path
+
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+
+        path = Path(repository) / "denoiser" / "config.pbtxt"
+        if not path.is_file():
+            return None
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        if "model_dir" not in config.parameters:
+            return None
+        return cls.from_model_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+    def request_body_limit(self) -> int:
+        """``max_request_bytes``, or when 0 a limit sized for the largest legitimate request: the
+        largest tensor any model of the deployment takes in binary form (``postprocess``'s decoded
+        image [1, 3, H, W] float32 at the largest built size) twice over plus 1 MiB for the rest, and
+        at least 4 MiB (a pipeline request itself is a few kB: options and prompts)."""
+        if self.max_request_bytes > 0:
+            return self.max_request_bytes
+        pixels = max((h * w for h, w in self.built_sizes), default=0)
+        return max(4 << 20, 2 * 3 * pixels * 4 + (1 << 20))
 
     @property
     def built_sizes(self) -> list[tuple[int, int]]:

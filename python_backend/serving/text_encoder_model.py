@@ -28,7 +28,7 @@ class TritonPythonModel:
                           self.settings.default_height, self.settings.default_width)
 
     def execute(self, requests):
-        return triton_io.answer_each(requests, self._encode)
+        return triton_io.answer_each(requests, self._encode, self.settings.max_request_id_chars)
 
     def finalize(self):
         triton_io.log_finalized("text_encoder")

@@ -47,11 +47,18 @@ def log_finalized(model: str) -> None:
     pb_utils.Logger.log_info(FINALIZED.format(model=model))
 
 
-def answer_each(requests, handle):
+def check_request_id(request_id: str, max_chars: int) -> None:
+    """Request ids are echoed in responses and logs: a client must not make them arbitrarily long."""
+    if len(request_id) > max_chars:
+        raise InputError(f"request 'id' is {len(request_id)} characters long; allowed: at most {max_chars}")
+
+
+def answer_each(requests, handle, max_id_chars: int):
     """Runs ``handle(request) -> outputs`` per request; a bad input answers that request alone."""
     responses = []
     for request in requests:
         try:
+            check_request_id(request.request_id(), max_id_chars)
             responses.append(respond(handle(request)))
         except InputError as bad:
             responses.append(error(str(bad), pb_utils.TritonError.INVALID_ARG))

@@ -33,7 +33,7 @@ class TritonPythonModel:
                                                           self.shapes))
             return {"decoded": vae_decode(self.vae, latents).float().cpu().numpy()}
 
-        return triton_io.answer_each(requests, decode)
+        return triton_io.answer_each(requests, decode, self.settings.max_request_id_chars)
 
     def finalize(self):
         triton_io.log_finalized("vae_decoder")
