@@ -126,3 +126,116 @@ def test_a_rank_killed_between_requests_is_replaced_before_the_next_one_starts_i
     assert "restarting the rank group: rank worker(s) [1] had exited" in server.log_path.read_text()
     workers = rank_workers(server)
     assert workers and not set(victims) & set(workers)
+
+
+# --------------------------------------------------------------------------------------------------
+# A client that leaves: the gateway marks its request, the denoiser stops it (issue 16)
+
+
+def _raw_pipeline_request(server, prompt: str, steps: int):
+    """An HTTP pipeline request on a raw socket (a client that can vanish at any moment)."""
+    import json
+    import socket
+
+    body = json.dumps({"inputs": [
+        {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [prompt]},
+        {"name": "steps", "datatype": "INT64", "shape": [1], "data": [steps]}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=60)
+    sock.sendall(b"POST /v2/models/pipeline/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def _log_count(server, text: str) -> int:
+    return server.log_path.read_text().count(text)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, what
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_an_http_client_that_disconnects_stops_its_generation(server):
+    before, steady = _timed_solo(server)
+    (worker,) = rank_workers(server)
+    stopped = _log_count(server, "denoising request cancelled by the client")
+    sock = _raw_pipeline_request(server, "an abandoned one", LONG)
+    wait_until_busy(worker)  # it is denoising
+    sock.close()
+    took = _wait_for(lambda: _log_count(server, "denoising request cancelled by the client") > stopped, TIMEOUT,
+                     "the denoiser did not stop the abandoned generation")
+    print(f"stopped {took:.2f} s after the client disconnected (a steady 3-step request: {steady:.2f} s)")
+    assert took < steady + 5
+    after, seconds = _timed_solo(server)
+    np.testing.assert_array_equal(after, before)
+    assert seconds < 3 * steady + 1  # the group was free at once
+    assert not server.gateway.http.markers.marked()  # every marker is cleared once Triton has answered
+
+
+def test_a_queued_request_whose_client_left_never_starts(server):
+    before = _solo(server)
+    (worker,) = rank_workers(server)
+    never = _log_count(server, "cancelled by the client before it started")
+    running = _raw_pipeline_request(server, "the one running", LONG)
+    wait_until_busy(worker)
+    queued = _raw_pipeline_request(server, "the one waiting", LONG)
+    time.sleep(1.0)  # it reaches the denoiser's queue
+    queued.close()
+    time.sleep(0.5)  # the gateway sees the close and marks it
+    running.close()
+    _wait_for(lambda: _log_count(server, "cancelled by the client before it started") > never, TIMEOUT,
+              "the queued request of a client that left was started")
+    np.testing.assert_array_equal(_solo(server), before)
+
+
+def test_a_cancelled_pipeline_request_over_grpc_stops_at_the_next_step(server):
+    """The ensemble's cancellation, which Triton 2.51 does not pass on, reaches the denoiser through
+    the gateway's marker."""
+    before = _solo(server)
+    (worker,) = rank_workers(server)
+    stopped = _log_count(server, "denoising request cancelled by the client")
+    client = grpcclient.InferenceServerClient(server.urls["grpc"])
+    call = client.async_infer("pipeline", _grpc_inputs(
+        [("prompt", np.array([b"a cancelled one"], dtype=np.object_), "BYTES"),
+         ("steps", np.array([LONG], dtype=np.int64), "INT64")]), callback=lambda result, error: None)
+    wait_until_busy(worker)
+    sent = time.monotonic()
+    call.cancel()
+    _wait_for(lambda: _log_count(server, "denoising request cancelled by the client") > stopped, TIMEOUT,
+              "the cancelled pipeline request went on denoising")
+    np.testing.assert_array_equal(generate(server.urls["grpc"], "a quiet harbour", protocol="grpc", seed=5, steps=3),
+                                  before)
+    assert time.monotonic() - sent < TIMEOUT
+    client.close()
+
+
+def _ready_status(server) -> tuple[int, str]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        connection.request("GET", "/v2/health/ready")
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_readiness_is_false_until_a_lost_rank_is_replaced_without_a_request(server):
+    before = _solo(server)
+    assert _ready_status(server)[0] == 200
+    victims = rank_workers(server)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    status, body = _ready_status(server)
+    assert status == 503 and "model 'denoiser'" in body, body
+    print(f"readiness while the group is repaired: {body}")
+    # the denoiser replaces the group by itself (no request comes), and readiness comes back
+    took = _wait_for(lambda: _ready_status(server)[0] == 200, 120, "readiness did not come back")
+    print(f"ready again {took:.1f} s after the rank was killed")
+    workers = rank_workers(server)
+    assert workers and not set(victims) & set(workers)
+    np.testing.assert_array_equal(_solo(server), before)

@@ -95,6 +95,35 @@ def _post(server, path: str, body: str | bytes = b"", headers=None) -> tuple[int
         connection.close()
 
 
+def _post_chunked(server, path: str, chunks) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=120)
+    try:
+        connection.request("POST", path, body=iter(chunks), encode_chunked=True,
+                           headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def _grpc_infer(server, model: str, tensors, request_id: str = "") -> tuple[str, str]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.urls["grpc"])
+    inputs = []
+    for name, array, datatype in tensors:
+        given = grpcclient.InferInput(name, list(array.shape), datatype)
+        given.set_data_from_numpy(array)
+        inputs.append(given)
+    try:
+        client.infer(model, inputs, request_id=request_id)
+    except InferenceServerException as error:
+        return str(error.status()).removeprefix("StatusCode."), error.message()
+    finally:
+        client.close()
+    return "OK", ""
+
+
 def _json(name, datatype, data, shape=None):
     return {"name": name, "datatype": datatype, "shape": shape or [len(data)], "data": data}
 
@@ -212,10 +241,29 @@ case("vae-3-channels", 400, ["latents"])(
     lambda s: _binary_infer(s, "vae_decoder", [("latents", np.zeros((1, 3, LATENT, LATENT), np.float32), "FP32")]))
 
 # postprocess
-for ident, shape, fill in [("post-1024px", (1, 3, 1024, 1024), 0.0), ("post-not-square", (1, 3, TINY_SIZE, 64), 0.0),
+for ident, shape, fill in [("post-256px", (1, 3, 256, 256), 0.0), ("post-not-square", (1, 3, TINY_SIZE, 64), 0.0),
                            ("post-NaN", (1, 3, TINY_SIZE, TINY_SIZE), np.nan)]:
     case(ident, 400, ["decoded"])(
         lambda s, sh=shape, f=fill: _binary_infer(s, "postprocess", [("decoded", np.full(sh, f, np.float32), "FP32")]))
+
+# bodies over the deployment's limit (finding 2): refused by the gateway before tritonserver reads them
+LIMIT = 4 << 20  # the tiny deployment's request_body_limit()
+case("post-1024px-over-the-body-limit", 413, ["max_request_bytes"])(
+    lambda s: _binary_infer(s, "postprocess", [("decoded", np.zeros((1, 3, 1024, 1024), np.float32), "FP32")]))
+case("json-body-over-the-limit", 413, ["max_request_bytes", str(LIMIT)])(
+    lambda s: _post(s, "/v2/models/pipeline/infer", b'{"inputs": [' + b" " * (LIMIT + 1) + b"]}"))
+case("chunked-body-over-the-limit", 413, ["max_request_bytes", "chunked"])(
+    lambda s: _post_chunked(s, "/v2/models/pipeline/infer", [b" " * (1 << 20)] * 5))
+case("grpc-message-over-the-limit", "RESOURCE_EXHAUSTED", [str(LIMIT)])(
+    lambda s: _grpc_infer(s, "pipeline", [("prompt", np.array([b"x" * (LIMIT + 1)], dtype=np.object_), "BYTES")]))
+# request ids are echoed in answers and logs: bounded (each model checks its own)
+case("request-id-too-long", 400, ["'id'", "at most 128"])(
+    lambda s: _post(s, "/v2/models/pipeline/infer", json.dumps({"id": "i" * 10_000, "inputs": [PROMPT]})))
+case("grpc-request-id-too-long", "INVALID_ARGUMENT", ["'id'", "at most 128"])(
+    lambda s: _grpc_infer(s, "pipeline", [("prompt", np.array([b"a cat"], dtype=np.object_), "BYTES")], "g" * 129))
+case("denoiser-request-id-too-long", 400, ["'id'"])(
+    lambda s: _post(s, "/v2/models/denoiser/infer", json.dumps({"id": "i" * 129, "inputs": [
+        _json("prompt_embeds", "FP32", [0.1] * 2 * 77 * 64, [2, 77, 64])]})))
 
 # restricted APIs without the key
 for ident, path in [("shm-register", "/v2/systemsharedmemory/region/x/register"),
@@ -234,6 +282,19 @@ def test_hostile_request_is_refused_naming_the_input(server, baseline, send, sta
     for name in names:
         assert name in message, (name, message)
     assert _ready(server)
+
+
+def test_models_refuse_long_request_ids_sent_to_tritonserver_directly(server, baseline):
+    """Every model checks ids too: a local client can reach tritonserver's own loopback port."""
+    body = json.dumps({"id": "i" * 129, "inputs": [PROMPT]})
+    connection = http.client.HTTPConnection("127.0.0.1", server.triton_http_port, timeout=120)
+    try:
+        connection.request("POST", "/v2/models/text_encoder/infer", body=body)
+        response = connection.getresponse()
+        status, message = response.status, response.read().decode()
+    finally:
+        connection.close()
+    assert status == 400 and "request 'id' is 129 characters long; allowed: at most 128" in message, message
 
 
 def test_after_the_mix_nothing_changed(server, baseline):

@@ -8,21 +8,27 @@ its shape, colour, 3x3 grid position and size, and the background colour, in the
 How it reads an image (every step chosen to survive noise, blur and slightly wrong colours, since the images
 will come from a small diffusion model):
 
-1. A 3x3 box blur takes the edge off per-pixel noise.
+1. A 3x3 box blur takes the edge off per-pixel noise (repeated, up to ``MAX_EXTRA_BLURS`` times, while the
+   background's noise is still high).
 2. Background: a plane per colour channel (colour = a + b x + c y) fitted to the border pixels that lie near
    their median colour, so a brightness ramp is modelled and an object touching the border is ignored. The
    background colour is the named colour nearest the plane's mean.
 3. Object mask: pixels whose distance from the background plane exceeds half the object's contrast (the 75th
    percentile of the clearly-different pixels' distances), at least a noise floor from the border's spread;
-   only the largest 4-connected piece is kept, with its holes filled. Cutting at half contrast puts the mask edge where the true
-   edge was before blurring, so areas and extents stay right.
+   only the largest 4-connected piece is kept, with its holes filled. Cutting at half contrast puts the mask
+   edge where the true edge was before blurring, so areas and extents stay right.
 4. Colour: the named colour nearest the per-channel median of the mask's interior (edge pixels mix with the
    background). Position: the grid cell of the mask's centroid. Size: the mask's extent (larger side of its
    bounding box) against the geometric mean of the two sizes' extents, which does not depend on the shape;
    an area threshold would mistake a large star (fill ~0.38) for a small square.
-5. Shape: nearest prototype in (bounding-box fill, solidity = area / convex-hull area, roundness of the hull
-   = 4 pi area / perimeter^2). Circle (0.785, 1, 1), square (1, 1, 0.785), triangle (0.5, 1, 0.605), star
-   (~0.38, ~0.56, 0.865): solidity alone separates the star, fill and roundness the convex three.
+5. Shape: the radial profile of the mask's outline (distance from the centroid to the outline at each angle)
+   and its Fourier harmonics 3, 4 and 5, each divided by its amplitude for the ideal triangle, square and
+   star: a triangle has three lobes, a square four, a star five, a circle none. The strongest relative harmonic
+   names the shape, or "circle" when none reaches ``ROUND_LIMIT``. Harmonics survive blur far better than
+   corner or concavity measures: blurring a small star fills its notches, but five lobes remain.
+   The bounding-box fill (circle 0.785, square 1, triangle 0.5, star ~0.38) is reported as a cross-check.
+
+Images smaller than ``WORKING_SIDE`` are upscaled (bicubic) first so that outlines have enough pixels.
 """
 
 from __future__ import annotations
@@ -32,31 +38,49 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
-from .shapes import COLOURS, POSITIONS, SIZE_EXTENTS, STAR_INNER_RATIO, SceneSpec
+from .shapes import COLOURS, POSITIONS, SIZE_EXTENTS, SceneSpec, shape_outline
 
 ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "position", "size", "background")
 
 MIN_CONTRAST = 20.0  # a pixel closer than this (RGB distance, levels) to the background is never object
 NOISE_FLOOR_SIGMAS = 4.0  # ... nor one closer than this many times the border's noise (RGB distance)
+MAX_EXTRA_BLURS = 3  # further 3x3 blurs while the noise floor exceeds twice MIN_CONTRAST
 MIN_OBJECT_FRACTION = 0.001  # a mask smaller than this fraction of the image is "no object"
 SIZE_THRESHOLD = math.sqrt(SIZE_EXTENTS["small"] * SIZE_EXTENTS["large"])  # extent / side between the sizes
+WORKING_SIDE = 192  # smaller images are upscaled to at least this side before reading
+PROFILE_BINS = 72  # angular bins of the radial profile (5 degrees each)
+SHAPE_HARMONICS: dict[str, int] = {"triangle": 3, "square": 4, "star": 5}  # lobes of each non-round shape
+ROUND_LIMIT = 0.3  # below this fraction of every shape's ideal harmonic, the outline is a circle
 
 
-def _star_features(inner: float) -> tuple[float, float, float]:
-    """(fill, solidity, hull roundness) of the upright five-pointed star with inner / outer radius ``inner``."""
-    s36, s72, c36 = (math.sin(math.radians(36)), math.sin(math.radians(72)), math.cos(math.radians(36)))
-    area = 5 * inner * s36  # ten triangles of sides 1 and ``inner`` at 36 degrees, outer radius 1
-    hull = 2.5 * s72  # the regular pentagon through the points
-    return area / (2 * s72 * (1 + c36)), area / hull, math.pi * s72 / (10 * s36 ** 2)
+def _profile_harmonics(profile: np.ndarray) -> dict[int, float]:
+    """Harmonic k -> amplitude of cos(k theta) in a radial profile, relative to the mean radius."""
+    spectrum = np.abs(np.fft.rfft(profile)) / len(profile)
+    return {k: float(2 * spectrum[k] / spectrum[0]) for k in SHAPE_HARMONICS.values()}
 
 
-# Shape -> (fill of the bounding box, solidity, roundness of the convex hull), from the ideal geometry.
-SHAPE_PROTOTYPES: dict[str, tuple[float, float, float]] = {
-    "circle": (math.pi / 4, 1.0, 1.0),
-    "square": (1.0, 1.0, math.pi / 4),
-    "triangle": (0.5, 1.0, math.pi / (3 * math.sqrt(3))),
-    "star": _star_features(STAR_INNER_RATIO),
+def _outline_profile(vertices: list[tuple[float, float]], bins: int) -> np.ndarray:
+    """Radial profile of a polygon that is star-shaped about the origin: farthest crossing of each bin's ray."""
+    v = np.array(vertices, dtype=np.float64)
+    a, b = v, np.roll(v, -1, axis=0)
+    theta = (np.arange(bins) + 0.5) / bins * 2 * np.pi - np.pi
+    d = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # [bins, 2]
+    e = b - a  # [edges, 2]; solve t d = a + s e for t >= 0, 0 <= s <= 1
+    cross = d[:, None, 0] * e[None, :, 1] - d[:, None, 1] * e[None, :, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (a[None, :, 0] * e[None, :, 1] - a[None, :, 1] * e[None, :, 0]) / cross
+        s = (a[None, :, 0] * d[:, None, 1] - a[None, :, 1] * d[:, None, 0]) / cross
+    t = np.where((np.abs(cross) > 1e-12) & (s >= 0) & (s <= 1) & (t > 0), t, 0.0)
+    return t.max(axis=1)
+
+
+# Shape -> the amplitude of its own harmonic in the ideal outline's radial profile (square ~0.14, triangle
+# ~0.27, star ~0.32), computed from the generator's geometry so the two modules cannot drift apart.
+IDEAL_HARMONICS: dict[str, float] = {
+    shape: _profile_harmonics(_outline_profile(shape_outline(shape, 0.0, 0.0, 1.0), PROFILE_BINS))[k]
+    for shape, k in SHAPE_HARMONICS.items()
 }
 
 
@@ -64,8 +88,8 @@ SHAPE_PROTOTYPES: dict[str, tuple[float, float, float]] = {
 class Reading:
     """What ``check`` saw. An attribute is None when it could not be read (e.g. no object found).
 
-    ``features`` holds the measurements behind the reading (fill, solidity, roundness, extent, area fraction,
-    centroid, contrast), for diagnosing a wrong one.
+    ``features`` holds the measurements behind the reading (relative harmonics, fill, extent, area fraction,
+    centroid, contrast, noise, background mean), for diagnosing a wrong one.
     """
 
     shape: str | None
@@ -80,20 +104,29 @@ class Reading:
 
 
 # --------------------------------------------------------------------------------------
-# Image helpers (numpy only)
+# Image helpers
 # --------------------------------------------------------------------------------------
 
 def _as_rgb(image) -> np.ndarray:
     """An RGB float64 array [H, W, 3] in levels 0..255 from a uint8 / float [0, 1] array or a PIL image."""
     array = np.asarray(image)
+    unit_range = np.issubdtype(array.dtype, np.floating) and array.max(initial=0.0) <= 1.0
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {array.shape}")
     array = array[..., :3].astype(np.float64)
-    if np.issubdtype(np.asarray(image).dtype, np.floating) and array.max(initial=0.0) <= 1.0:
-        array = array * 255.0
-    return array
+    return array * 255.0 if unit_range else array
+
+
+def _working_image(rgb: np.ndarray) -> np.ndarray:
+    """``rgb``, upscaled (bicubic, by a whole factor) when its shorter side is under ``WORKING_SIDE``."""
+    h, w = rgb.shape[:2]
+    factor = math.ceil(WORKING_SIDE / min(h, w))
+    if factor <= 1:
+        return rgb
+    image = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+    return np.asarray(image.resize((w * factor, h * factor), Image.Resampling.BICUBIC), dtype=np.float64)
 
 
 def _box_blur3(image: np.ndarray) -> np.ndarray:
@@ -110,7 +143,7 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected piece of ``mask`` (all of ``mask`` must not be empty).
+    """The largest 4-connected piece of ``mask``, which must have at least one set pixel.
 
     Works on runs of set pixels per row: runs in adjacent rows that overlap are joined (union-find), so the
     cost grows with the number of runs, not of pixels.
@@ -152,39 +185,31 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
-def _convex_hull(points: np.ndarray) -> np.ndarray:
-    """Vertices of the convex hull of 2-D ``points`` in counter-clockwise order (Andrew's monotone chain)."""
-    pts = sorted(set(map(tuple, points.tolist())))
-    if len(pts) < 3:
-        return np.array(pts, dtype=np.float64)
+def _mask_profile(mask: np.ndarray, cy: float, cx: float, bins: int) -> np.ndarray:
+    """Radial profile of the mask's outline about (cy, cx) in pixel-centre coordinates: per angular bin, the
+    farthest outline pixel (plus half a pixel, to its outer edge); empty bins are interpolated."""
+    ys, xs = np.nonzero(mask & ~_erode(mask))
+    angle = np.arctan2(ys - cy, xs - cx)
+    radius = np.hypot(ys - cy, xs - cx) + 0.5
+    index = np.minimum(((angle + np.pi) / (2 * np.pi) * bins).astype(int), bins - 1)
+    profile = np.zeros(bins)
+    np.maximum.at(profile, index, radius)
+    empty = profile == 0
+    if empty.all():
+        return np.ones(bins)
+    if empty.any():
+        positions = np.arange(bins)
+        profile[empty] = np.interp(positions[empty], positions[~empty], profile[~empty], period=bins)
+    return profile
 
-    def half(sequence):
-        chain: list[tuple[float, float]] = []
-        for p in sequence:
-            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
-                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
-                chain.pop()
-            chain.append(p)
-        return chain[:-1]
 
-    return np.array(half(pts) + half(reversed(pts)), dtype=np.float64)
-
-
-def _hull_area_perimeter(mask: np.ndarray) -> tuple[float, float]:
-    """Area and perimeter of the convex hull of the mask's pixels taken as unit squares.
-
-    The hull of a row's outermost pixel corners is the hull of the whole row, so 4 points per row suffice.
-    """
-    rows = np.flatnonzero(mask.any(axis=1))
-    left = np.array([np.flatnonzero(mask[r])[0] for r in rows])
-    right = np.array([np.flatnonzero(mask[r])[-1] + 1 for r in rows])
-    points = np.concatenate([np.stack([left, rows], 1), np.stack([right, rows], 1),
-                             np.stack([left, rows + 1], 1), np.stack([right, rows + 1], 1)])
-    hull = _convex_hull(points)
-    x, y = hull[:, 0], hull[:, 1]
-    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-    perimeter = float(np.hypot(x - np.roll(x, -1), y - np.roll(y, -1)).sum())
-    return area, perimeter
+def read_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The shape of a non-empty mask (step 5 of the module docstring) and its relative harmonics by shape."""
+    ys, xs = np.nonzero(mask)
+    harmonics = _profile_harmonics(_mask_profile(mask, ys.mean(), xs.mean(), PROFILE_BINS))
+    relative = {shape: harmonics[k] / IDEAL_HARMONICS[shape] for shape, k in SHAPE_HARMONICS.items()}
+    best = max(relative, key=relative.get)
+    return ("circle" if relative[best] < ROUND_LIMIT else best), relative
 
 
 def nearest_colour(rgb) -> str:
@@ -225,6 +250,11 @@ def object_mask(image) -> tuple[np.ndarray, dict[str, float]]:
     object's contrast in the returned features; steps 1 to 3 of the module docstring."""
     smooth = _box_blur3(_as_rgb(image))
     plane, background, sigma = _fit_background(smooth)
+    for _ in range(MAX_EXTRA_BLURS):  # heavy noise: smooth more, rather than raise the floor above the contrast
+        if NOISE_FLOOR_SIGMAS * sigma <= 2 * MIN_CONTRAST:
+            break
+        smooth = _box_blur3(smooth)
+        plane, background, sigma = _fit_background(smooth)
     distance = np.linalg.norm(smooth - plane, axis=-1)
     floor = max(MIN_CONTRAST, NOISE_FLOOR_SIGMAS * sigma)
     features = {"background_r": float(background[0]), "background_g": float(background[1]),
@@ -240,7 +270,7 @@ def object_mask(image) -> tuple[np.ndarray, dict[str, float]]:
 
 def check(image) -> Reading:
     """Read the main object of ``image`` (RGB, uint8 or float in [0, 1], any size) and its background."""
-    rgb = _as_rgb(image)
+    rgb = _working_image(_as_rgb(image))
     h, w = rgb.shape[:2]
     mask, features = object_mask(rgb)
     background = nearest_colour([features["background_r"], features["background_g"], features["background_b"]])
@@ -265,13 +295,10 @@ def check(image) -> Reading:
     extent = max(box_w / w, box_h / h)
     size = "large" if extent > SIZE_THRESHOLD else "small"
 
-    hull_area, hull_perimeter = _hull_area_perimeter(mask)
-    measured = (area / (box_h * box_w), area / max(hull_area, 1.0),
-                4 * math.pi * hull_area / max(hull_perimeter, 1.0) ** 2)
-    shape = min(SHAPE_PROTOTYPES, key=lambda s: sum((m - p) ** 2 for m, p in zip(measured, SHAPE_PROTOTYPES[s])))
-
-    features.update(fill=measured[0], solidity=measured[1], roundness=measured[2], extent=extent,
-                    area_fraction=area / (h * w), centroid_x=cx, centroid_y=cy)
+    shape, relative = read_shape(mask)
+    features.update({f"harmonic_{name}": value for name, value in relative.items()})
+    features.update(fill=area / (box_h * box_w), extent=extent, area_fraction=area / (h * w),
+                    centroid_x=cx, centroid_y=cy)
     return Reading(shape, colour, position, size, background, features)
 
 

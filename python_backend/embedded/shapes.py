@@ -135,17 +135,19 @@ def shape_outline(shape: str, cx: float, cy: float, extent: float) -> list[tuple
     ``extent`` (the larger side). The circle is a 96-gon, closer to a true circle than a supersample."""
     if shape == "circle":
         r = extent / 2
-        return [(cx + r * math.cos(2 * math.pi * k / 96), cy + r * math.sin(2 * math.pi * k / 96)) for k in range(96)]
+        angles = (2 * math.pi * k / 96 for k in range(96))
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
     if shape == "square":
         h = extent / 2
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":  # equilateral, width = extent; the centroid is the circumcentre
         r = extent / math.sqrt(3)
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in map(math.radians, (-90, 30, 150))]
-    if shape == "star":  # width = 2 R sin(72 degrees); the centroid is the centre
+    if shape == "star":  # ten vertices, points and notches; width = 2 R sin(72 degrees); centroid = centre
         r = extent / (2 * math.sin(math.radians(72)))
-        return [(cx + rad * math.cos(math.radians(-90 + 36 * k)), cy + rad * math.sin(math.radians(-90 + 36 * k)))
-                for k, rad in ((k, r if k % 2 == 0 else r * STAR_INNER_RATIO) for k in range(10))]
+        radii = [r if k % 2 == 0 else r * STAR_INNER_RATIO for k in range(10)]
+        angles = [math.radians(-90 + 36 * k) for k in range(10)]
+        return [(cx + rad * math.cos(a), cy + rad * math.sin(a)) for rad, a in zip(radii, angles)]
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -13,6 +13,9 @@ tritonserver 2.51 cannot do four things a served deployment needs, so the gatewa
 * **Truthful readiness.** ``GET /v2/health/ready`` and gRPC ``ServerReady`` also ask ``readiness()``
   (the server's own checks: every Python backend stub alive, the rank group up), which Triton's answer
   does not cover.
+* **Request ids bounded.** Triton echoes a request's id in its own error messages and logs before any
+  model can refuse it: an id longer than the deployment's ``max_request_id_chars`` is answered 400
+  (gRPC INVALID_ARGUMENT) here. (Each model checks it too, for clients of tritonserver's own port.)
 * Everything else passes through unchanged, headers (the admin key) and status codes included.
 
 HTTP runs on an asyncio loop in a thread of its own (one upstream connection per client connection,
@@ -187,19 +190,40 @@ def _keeps_alive(message: _Message) -> bool:
     return "close" not in connection
 
 
+def request_id_message(length: int, limit: int) -> str:
+    return f"request 'id' is {length} characters long; allowed: at most {limit}"
+
+
+def _infer_document(message: _Message) -> tuple[dict | None, int]:
+    """The JSON object an inference body starts with (the whole body, or its first
+    ``Inference-Header-Content-Length`` bytes with the binary extension) and its length; None if the
+    body is no JSON object (Triton refuses it then)."""
+    header_length = message.header("inference-header-content-length")
+    try:
+        split = int(header_length) if header_length is not None else len(message.body)
+        document = json.loads(message.body[:split])
+    except ValueError:
+        return None, 0
+    return (document, split) if isinstance(document, dict) else (None, 0)
+
+
+def check_http_request_id(message: _Message, max_chars: int) -> None:
+    """Triton echoes a request's id in its own error messages, before any model sees the request."""
+    document, _ = _infer_document(message)
+    request_id = document.get("id") if document is not None else None
+    if isinstance(request_id, str) and len(request_id) > max_chars:
+        raise _Refused(400, "Bad Request", request_id_message(len(request_id), max_chars))
+
+
 def tag_http_infer_body(message: _Message, key: str) -> bytes:
     """The request body with ``key`` as the :data:`CANCEL_PARAMETER` request parameter (the JSON part of
     a binary-extension body rewritten, ``Inference-Header-Content-Length`` updated); unchanged if it
     is not a JSON object (Triton refuses it then)."""
     body = message.body
+    document, split = _infer_document(message)
+    if document is None:
+        return body
     header_length = message.header("inference-header-content-length")
-    try:
-        split = int(header_length) if header_length is not None else len(body)
-        document = json.loads(body[:split])
-    except ValueError:
-        return body
-    if not isinstance(document, dict):
-        return body
     parameters = document.setdefault("parameters", {})
     if not isinstance(parameters, dict):
         return body
@@ -257,10 +281,10 @@ class _Upstream:
 
 
 class HttpFront:
-    def __init__(self, host: str, port: int, upstream: tuple[str, int], max_request_bytes: int,
+    def __init__(self, host: str, port: int, upstream: tuple[str, int], limits: "Limits",
                  markers: CancelMarkers, readiness: Readiness):
         self.host, self.port, self.upstream = host, port, upstream
-        self.max_request_bytes = max_request_bytes
+        self.limits = limits
         self.markers, self.readiness = markers, readiness
         self.loop = asyncio.new_event_loop()
         self._server = None
@@ -310,7 +334,7 @@ class HttpFront:
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
                 raise _Refused(400, "Bad Request", f"malformed request line {request.start[:80]!r}", close=True)
             method, target = parts[0], parts[1]
-            request.body = await _read_body(request, reader, self.max_request_bytes, writer)
+            request.body = await _read_body(request, reader, self.limits.request_bytes, writer)
             keep = _keeps_alive(request)
             if method == "GET" and target.split("?")[0] == "/v2/health/ready":
                 problems = await asyncio.get_running_loop().run_in_executor(None, self.readiness)
@@ -318,9 +342,11 @@ class HttpFront:
                     raise _Refused(503, "Service Unavailable", "not ready: " + "; ".join(problems))
             key = None
             match = _INFER_PATH.match(target.split("?")[0])
-            if method == "POST" and match and match["model"] in CANCELLABLE_MODELS:
-                key = self.markers.new_key()
-                request.body = tag_http_infer_body(request, key)
+            if method == "POST" and match:
+                check_http_request_id(request, self.limits.request_id_chars)
+                if match["model"] in CANCELLABLE_MODELS:
+                    key = self.markers.new_key()
+                    request.body = tag_http_infer_body(request, key)
             outgoing = request.encode([("Content-Length", str(len(request.body)))])
             response = await self._forward(outgoing, method == "HEAD", reader, upstream, key)
             if response is None:
@@ -378,18 +404,18 @@ async def _client_gone(reader: asyncio.StreamReader) -> bool:
 
 
 class GrpcFront:
-    def __init__(self, host: str, port: int, upstream: tuple[str, int], max_request_bytes: int,
+    def __init__(self, host: str, port: int, upstream: tuple[str, int], limits: "Limits",
                  markers: CancelMarkers, readiness: Readiness):
         from tritonclient.grpc import service_pb2
 
         self.pb = service_pb2
-        self.host, self.port = host, port
+        self.host, self.port, self.limits = host, port, limits
         self.markers, self.readiness = markers, readiness
         self.channel = grpc.insecure_channel(f"{upstream[0]}:{upstream[1]}", options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
         self.server = grpc.server(futures.ThreadPoolExecutor(GRPC_THREADS, thread_name_prefix="gateway-grpc"),
                                   handlers=[_GrpcForwarder(self)], options=[
-                                      ("grpc.max_receive_message_length", max_request_bytes),
+                                      ("grpc.max_receive_message_length", limits.request_bytes),
                                       ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
 
@@ -410,7 +436,7 @@ class GrpcFront:
                 return self.pb.ServerReadyResponse(ready=False).SerializeToString()
         key = None
         if method == _GRPC_SERVICE + "ModelInfer":
-            request, key = self._tag(request)
+            request, key = self._inspect(request, context)
         call = self.channel.unary_unary(method).future(request, metadata=_forwardable(context),
                                                        timeout=_deadline(context))
         answered = threading.Event()
@@ -439,12 +465,17 @@ class GrpcFront:
             if failure.code() != grpc.StatusCode.CANCELLED:
                 context.abort(failure.code(), failure.details())
 
-    def _tag(self, request: bytes) -> tuple[bytes, str | None]:
+    def _inspect(self, request: bytes, context: grpc.ServicerContext) -> tuple[bytes, str | None]:
+        """The request to forward (tagged with a cancel key for :data:`CANCELLABLE_MODELS`) and its key;
+        aborts the call if its id is too long."""
         message = self.pb.ModelInferRequest()
         try:
             message.ParseFromString(request)
         except Exception:  # protobuf's DecodeError; Triton answers a malformed message itself
             return request, None
+        if len(message.id) > self.limits.request_id_chars:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          request_id_message(len(message.id), self.limits.request_id_chars))
         if message.model_name not in CANCELLABLE_MODELS:
             return request, None
         key = self.markers.new_key()
@@ -477,18 +508,22 @@ class _GrpcForwarder(grpc.GenericRpcHandler):
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Limits:
+    request_bytes: int  # the largest request body (HTTP) or message (gRPC)
+    request_id_chars: int  # the longest request id
+
+
 class Gateway:
     """Both fronts over one tritonserver: public ``host:http_port`` and ``host:grpc_port`` forwarding to
     ``upstream_host``'s ``upstream_http_port`` / ``upstream_grpc_port``."""
 
     def __init__(self, host: str, http_port: int, grpc_port: int, upstream_host: str, upstream_http_port: int,
-                 upstream_grpc_port: int, max_request_bytes: int, markers: CancelMarkers,
+                 upstream_grpc_port: int, limits: Limits, markers: CancelMarkers,
                  readiness: Readiness = lambda: []):
-        self.max_request_bytes = max_request_bytes
-        self.http = HttpFront(host, http_port, (upstream_host, upstream_http_port), max_request_bytes, markers,
-                              readiness)
-        self.grpc = GrpcFront(host, grpc_port, (upstream_host, upstream_grpc_port), max_request_bytes, markers,
-                              readiness)
+        self.limits = limits
+        self.http = HttpFront(host, http_port, (upstream_host, upstream_http_port), limits, markers, readiness)
+        self.grpc = GrpcFront(host, grpc_port, (upstream_host, upstream_grpc_port), limits, markers, readiness)
 
     def start(self) -> "Gateway":
         self.http.start()
@@ -497,8 +532,9 @@ class Gateway:
         except BaseException:
             self.http.stop()
             raise
-        log.info("gateway listening: HTTP %s:%d, gRPC %s:%d (request bodies up to %d bytes)", self.http.host,
-                 self.http.port, self.grpc.host, self.grpc.port, self.max_request_bytes)
+        log.info("gateway listening: HTTP %s:%d, gRPC %s:%d (request bodies up to %d bytes, ids up to %d "
+                 "characters)", self.http.host, self.http.port, self.grpc.host, self.grpc.port,
+                 self.limits.request_bytes, self.limits.request_id_chars)
         return self
 
     def stop(self) -> None:

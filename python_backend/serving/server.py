@@ -104,7 +104,7 @@ from .access import (  # noqa: F401  (re-exported: the server's security default
     is_loopback,
     resolve_admin_key,
 )
-from .gateway import Gateway
+from .gateway import Gateway, Limits
 from .processes import free_ports, group_members, kill_group, wait_group_exit  # noqa: F401  (re-exported)
 from .signals import CANCEL_DIR_ENV_VAR, STATUS_DIR_ENV_VAR, CancelMarkers, state_problems
 from .shared_memory import (  # noqa: F401
@@ -137,6 +137,7 @@ DEFAULT_STOP_TIMEOUT_S = 10.0
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 """The gateway's request body limit for a repository without deployment settings (see
 ``ServingSettings.request_body_limit`` for the one a deployment gets)."""
+DEFAULT_MAX_REQUEST_ID_CHARS = 128
 STUB_NAME = "triton_python_backend_stub"
 HEALTH_INTERVAL_S = 0.5
 """How often ``distrifusion serve`` checks that tritonserver and every loaded model's stub are alive."""
@@ -299,7 +300,10 @@ class TritonServer:
         self.restricted_apis = tuple(dict.fromkeys(restricted_apis))
         self.private_shm = private_shm
         self.use_gateway = gateway
-        self.max_request_bytes = max_request_bytes or repository_body_limit(self.repository)
+        settings = _deployment_settings(self.repository)
+        self.max_request_bytes = max_request_bytes or (settings.request_body_limit() if settings
+                                                       else DEFAULT_MAX_REQUEST_BYTES)
+        self.max_request_id_chars = settings.max_request_id_chars if settings else DEFAULT_MAX_REQUEST_ID_CHARS
         self.process: subprocess.Popen | None = None
         self.gateway: Gateway | None = None
         # where tritonserver itself listens: behind the gateway, free loopback ports chosen at start
@@ -405,8 +409,8 @@ class TritonServer:
         if self.use_gateway:
             try:
                 self.gateway = Gateway(self.host, self.http_port, self.grpc_port, self.triton_host,
-                                       self.triton_http_port, self.triton_grpc_port, self.max_request_bytes,
-                                       CancelMarkers(self.cancel_dir), readiness=self.health_problems).start()
+                                       self.triton_http_port, self.triton_grpc_port,
+                                       Limits(self.max_request_bytes, self.max_request_id_chars), CancelMarkers(self.cancel_dir), readiness=self.health_problems).start()
             except BaseException:
                 self.stop()
                 raise
@@ -584,12 +588,16 @@ def _python_models(repository: Path) -> set[str]:
     return found
 
 
+def _deployment_settings(repository: Path):
+    from .settings import ServingSettings
+
+    return ServingSettings.read_repository(repository)
+
+
 def repository_body_limit(repository: Path) -> int:
     """The request body limit of the deployment in ``repository`` (its settings' ``request_body_limit``),
     :data:`DEFAULT_MAX_REQUEST_BYTES` for a repository without deployment settings."""
-    from .settings import ServingSettings
-
-    settings = ServingSettings.read_repository(repository)
+    settings = _deployment_settings(repository)
     return settings.request_body_limit() if settings is not None else DEFAULT_MAX_REQUEST_BYTES
 
 
