@@ -384,6 +384,7 @@ class HttpFront:
             return await answer
         finally:
             gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)  # its wait on the reader is over before the next read
             self.markers.clear(key)
 
 
