@@ -194,6 +194,29 @@ def test_status_codes_headers_and_admin_calls_pass_through(echo):
         client.close()
 
 
+def test_tagged_requests_follow_each_other_on_one_connection(echo, tmp_path):
+    """A gateway that tags the echo model's requests (as it does the pipeline's): back-to-back requests
+    on one keep-alive connection, each answered, and no cancel marker left behind."""
+    from python_backend.serving.gateway import Gateway, Limits
+
+    markers = CancelMarkers(tmp_path / "cancelled")
+    http_port, grpc_port = srv.free_ports(2)
+    gateway = Gateway("127.0.0.1", http_port, grpc_port, "127.0.0.1", echo.triton_http_port, echo.triton_grpc_port,
+                      Limits(LIMIT, 128), markers, cancellable=("echo",)).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+        for i in range(20):
+            connection.request("POST", INFER, body=_echo_body(f"request {i}"))
+            response = connection.getresponse()
+            assert (response.status, _echoed(response.read())) == (200, f"request {i}")
+        connection.close()
+        for i in range(5):
+            assert infer_grpc(f"127.0.0.1:{grpc_port}", f"grpc {i}")[0] == f"grpc {i}".encode()
+        assert markers.marked() == []
+    finally:
+        gateway.stop()
+
+
 def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while True:

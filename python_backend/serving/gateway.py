@@ -282,9 +282,9 @@ class _Upstream:
 
 class HttpFront:
     def __init__(self, host: str, port: int, upstream: tuple[str, int], limits: "Limits",
-                 markers: CancelMarkers, readiness: Readiness):
+                 markers: CancelMarkers, readiness: Readiness, cancellable=CANCELLABLE_MODELS):
         self.host, self.port, self.upstream = host, port, upstream
-        self.limits = limits
+        self.limits, self.cancellable = limits, tuple(cancellable)
         self.markers, self.readiness = markers, readiness
         self.loop = asyncio.new_event_loop()
         self._server = None
@@ -344,7 +344,7 @@ class HttpFront:
             match = _INFER_PATH.match(target.split("?")[0])
             if method == "POST" and match:
                 check_http_request_id(request, self.limits.request_id_chars)
-                if match["model"] in CANCELLABLE_MODELS:
+                if match["model"] in self.cancellable:
                     key = self.markers.new_key()
                     request.body = tag_http_infer_body(request, key)
             outgoing = request.encode([("Content-Length", str(len(request.body)))])
@@ -406,11 +406,11 @@ async def _client_gone(reader: asyncio.StreamReader) -> bool:
 
 class GrpcFront:
     def __init__(self, host: str, port: int, upstream: tuple[str, int], limits: "Limits",
-                 markers: CancelMarkers, readiness: Readiness):
+                 markers: CancelMarkers, readiness: Readiness, cancellable=CANCELLABLE_MODELS):
         from tritonclient.grpc import service_pb2
 
         self.pb = service_pb2
-        self.host, self.port, self.limits = host, port, limits
+        self.host, self.port, self.limits, self.cancellable = host, port, limits, tuple(cancellable)
         self.markers, self.readiness = markers, readiness
         self.channel = grpc.insecure_channel(f"{upstream[0]}:{upstream[1]}", options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
@@ -477,7 +477,7 @@ class GrpcFront:
         if len(message.id) > self.limits.request_id_chars:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           request_id_message(len(message.id), self.limits.request_id_chars))
-        if message.model_name not in CANCELLABLE_MODELS:
+        if message.model_name not in self.cancellable:
             return request, None
         key = self.markers.new_key()
         message.parameters[CANCEL_PARAMETER].string_param = key
@@ -521,10 +521,13 @@ class Gateway:
 
     def __init__(self, host: str, http_port: int, grpc_port: int, upstream_host: str, upstream_http_port: int,
                  upstream_grpc_port: int, limits: Limits, markers: CancelMarkers,
-                 readiness: Readiness = lambda: []):
+                 readiness: Readiness = lambda: [], cancellable=CANCELLABLE_MODELS):
+        """``cancellable``: the models whose requests get a cancel key."""
         self.limits = limits
-        self.http = HttpFront(host, http_port, (upstream_host, upstream_http_port), limits, markers, readiness)
-        self.grpc = GrpcFront(host, grpc_port, (upstream_host, upstream_grpc_port), limits, markers, readiness)
+        self.http = HttpFront(host, http_port, (upstream_host, upstream_http_port), limits, markers, readiness,
+                              cancellable)
+        self.grpc = GrpcFront(host, grpc_port, (upstream_host, upstream_grpc_port), limits, markers, readiness,
+                              cancellable)
 
     def start(self) -> "Gateway":
         self.http.start()
