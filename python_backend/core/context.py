@@ -36,7 +36,15 @@ class PatchContext:
         self.exchange.drain()
 
     @property
+    def isolated(self) -> bool:
+        """``naive_patch``: every step, each slab sees nothing of the others (zero padding at its borders,
+        attention and GroupNorm over its own rows): the seams displaced patch parallelism removes."""
+        return self.mode is Mode.NAIVE_PATCH
+
+    @property
     def synchronous(self) -> bool:
+        if self.isolated:
+            return False
         return self.mode is Mode.FULL_SYNC or self.step < synchronous_steps(self.warmup_steps)
 
     @property
@@ -44,7 +52,10 @@ class PatchContext:
         return self.layout.index
 
     def activations(self, key: str, fresh: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
-        """Every slab's published activations for this layer; this rank's slot is always ``fresh``."""
+        """Every slab's published activations for this layer; this rank's slot is always ``fresh``
+        (isolated: only ``fresh``, nothing is published)."""
+        if self.isolated:
+            return [fresh]
         if self.synchronous:
             return self.exchange.gather(key, fresh, shapes)
         stale = self.exchange.latest(key)

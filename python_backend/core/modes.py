@@ -14,6 +14,7 @@ class Mode(str, enum.Enum):
     STALE_GN = "stale_gn"
     SEPARATE_GN = "separate_gn"
     NO_SYNC = "no_sync"
+    NAIVE_PATCH = "naive_patch"  # the paper's baseline: each slab denoised alone, as if it were the image
 
     @classmethod
     def parse(cls, name: str) -> "Mode":
@@ -40,6 +41,7 @@ ASYNC_GROUP_NORM = {
     Mode.STALE_GN: GroupNormSource.STALE,
     Mode.SEPARATE_GN: GroupNormSource.LOCAL,
     Mode.NO_SYNC: GroupNormSource.LOCAL,
+    Mode.NAIVE_PATCH: GroupNormSource.LOCAL,
 }
 
 DEFAULT_MODE = Mode(DEFAULT_MODE_NAME)

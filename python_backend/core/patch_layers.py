@@ -25,6 +25,8 @@ class PatchConv2d(nn.Module):
         self.halo = patch_math.Halo.of(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context.isolated:
+            return self.conv(x)  # the layer's own zero padding at the slab's borders
         if x.shape[2] < max(self.halo.top, self.halo.bottom):
             raise ValueError(f"{self.key}: a slab of {x.shape[2]} rows is thinner than the halo {self.halo}")
         payload = patch_math.halo_payload(x, self.halo)
@@ -44,6 +46,8 @@ class SlicedInputConv(nn.Module):
 
     def forward(self, full: torch.Tensor) -> torch.Tensor:
         start, stop = self.context.layout.row_range(full.shape[2])
+        if self.context.isolated:
+            return self.conv(full[:, :, start:stop])
         return patch_math.conv_rows(self.conv, patch_math.slice_with_halo(full, start, stop, self.halo))
 
 

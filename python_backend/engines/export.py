@@ -85,6 +85,9 @@ def graph_mode(mode: Mode, patches: int) -> Mode:
     if mode is Mode.FULL_SYNC:
         raise ValueError("full_sync runs every step synchronously in torch; engines serve only asynchronous "
                          "steps, so there is nothing to build")
+    if mode is Mode.NAIVE_PATCH and patches > 1:
+        raise ValueError("naive_patch is the quality report's baseline (seams included), run eagerly with "
+                         "--engine torch; engines serve the displaced-patch modes")
     if mode is Mode.SYNC_GN and patches > 1:
         raise ValueError(
             "sync_gn needs a blocking GroupNorm exchange inside the UNet, which an engine cannot do; "

@@ -1,0 +1,251 @@
+"""Train the embedded default model on the procedural shapes data (``shapes.py``), on CPU.
+
+The architecture is the tiny SDXL layout of ``tiny_model.py`` (two CLIP text encoders, pooled text
+embeddings and time ids, AutoencoderKL, UNet2DConditionModel). Training, in order:
+
+1. **VAE**: reconstruction (mean squared error in [-1, 1]) with a very small KL term, on random
+   crops of rendered images; then the latent scaling factor is set to 1 / std of the latents, as
+   Stable Diffusion's VAEs were.
+2. **Latents**: a fixed set of rendered images is encoded once (the latent distribution's mean).
+3. **UNet**: the standard noise-prediction objective (epsilon, 1000-step scaled-linear betas, the
+   scheduler's training noise) with classifier-free-guidance dropout: a dropped caption is the zero
+   conditioning, exactly what the SDXL pipeline feeds the unconditional half for an empty negative
+   prompt (``force_zeros_for_empty_prompt``). The two text encoders stay **frozen with their seeded
+   random weights**: the captions' tokens are all the UNet needs to tell them apart.
+
+Captions of :func:`held_out_specs` never appear in training: the quality report reads images of
+them. Every stage logs its progress; the losses are kept for the curve (``loss_curve.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import shapes
+
+log = logging.getLogger("distrifusion.training")
+
+HELD_OUT_SEED = 90_000
+HELD_OUT_COUNT = 50
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    seed: int = 0
+    size: int = 256  # image side (latents are size / 8)
+    vae_steps: int = 1200
+    vae_batch: int = 8
+    vae_crop: int = 128
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    images: int = 8000  # the fixed training set the UNet sees
+    unet_steps: int = 6000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    unet_warmup_steps: int = 200
+    cfg_dropout: float = 0.1
+    threads: int = 2
+    log_every: int = 50
+
+
+@dataclass
+class TrainingLog:
+    config: dict = field(default_factory=dict)
+    vae_losses: list[float] = field(default_factory=list)
+    unet_losses: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    scaling_factor: float = 0.0
+
+
+def held_out_specs(count: int = HELD_OUT_COUNT, seed: int = HELD_OUT_SEED) -> list[shapes.SceneSpec]:
+    """The captions the model never trains on (distinct scenes, reproducible)."""
+    rng, found = np.random.default_rng(seed), []
+    while len(found) < count:
+        spec = shapes.random_scene(rng)
+        if spec not in found:
+            found.append(spec)
+    return found
+
+
+def _training_scenes(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
+    excluded = set(held_out_specs())
+    rng, scenes = np.random.default_rng(seed), []
+    while len(scenes) < n:
+        spec = shapes.random_scene(rng)
+        if spec in excluded:
+            continue
+        scenes.append((shapes.render(spec, 256, rng), spec.caption()))
+    return scenes
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae, config: TrainingConfig, record: TrainingLog) -> None:
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    rng = np.random.default_rng(config.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    vae.train()
+    started = time.perf_counter()
+    for step in range(config.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config.vae_lr, 50, config.vae_steps)
+        images = [shapes.render(shapes.random_scene(rng), config.size, rng) for _ in range(config.vae_batch)]
+        batch = _to_tensor(images)
+        top, left = (int(v) for v in rng.integers(0, config.size - config.vae_crop + 1, size=2))
+        batch = batch[:, :, top:top + config.vae_crop, left:left + config.vae_crop]
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.sample(generator=generator)
+        reconstruction = vae.decode(latents).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, batch) + config.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        record.vae_losses.append(float(loss))
+        if step % config.log_every == 0 or step == config.vae_steps - 1:
+            log.info("VAE step %d/%d: loss %.5f (%.0f s)", step + 1, config.vae_steps,
+                     float(np.mean(record.vae_losses[-config.log_every:])), time.perf_counter() - started)
+    vae.eval()
+    record.seconds["vae"] = time.perf_counter() - started
+
+
+@torch.no_grad()
+def encode_scenes(vae, scenes, batch: int = 32) -> torch.Tensor:
+    """The latent means of ``scenes`` (unscaled)."""
+    started, parts = time.perf_counter(), []
+    for i in range(0, len(scenes), batch):
+        parts.append(vae.encode(_to_tensor([image for image, _ in scenes[i:i + batch]])).latent_dist.mean)
+        if (i // batch) % 25 == 0:
+            log.info("encoded %d/%d training images (%.0f s)", i + len(parts[-1]), len(scenes),
+                     time.perf_counter() - started)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each distinct caption's (prompt_embeds [77, D], pooled [P]) as the SDXL pipeline computes them."""
+    distinct = sorted(set(captions))
+    table = {}
+    for i in range(0, len(distinct), 64):
+        chunk = distinct[i:i + 64]
+        embeds, _, pooled, _ = pipe.encode_prompt(chunk, device=torch.device("cpu"), num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        for caption, e, p in zip(chunk, embeds, pooled):
+            table[caption] = (e, p)
+    return table
+
+
+def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: TrainingConfig, record: TrainingLog) -> None:
+    from diffusers import DDPMScheduler
+
+    unet = pipe.unet
+    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear", prediction_type="epsilon")
+    table = encode_captions(pipe, captions)
+    embeds = torch.stack([table[c][0] for c in captions])
+    pooled = torch.stack([table[c][1] for c in captions])
+    time_ids = torch.tensor([[config.size, config.size, 0, 0, config.size, config.size]], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=1e-2)
+    unet.train()
+    started = time.perf_counter()
+    for step in range(config.unet_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config.unet_lr, config.unet_warmup_steps, config.unet_steps)
+        index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (config.unet_batch,), generator=generator)
+        noisy = noise_schedule.add_noise(clean, noise, timesteps)
+        keep = (torch.rand(config.unet_batch, generator=generator) >= config.cfg_dropout).float()
+        prediction = unet(noisy, timesteps, encoder_hidden_states=embeds[index] * keep[:, None, None],
+                          added_cond_kwargs={"text_embeds": pooled[index] * keep[:, None],
+                                             "time_ids": time_ids.expand(config.unet_batch, -1)}).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        record.unet_losses.append(float(loss))
+        if step % config.log_every == 0 or step == config.unet_steps - 1:
+            elapsed = time.perf_counter() - started
+            log.info("UNet step %d/%d: loss %.5f (%.0f s, about %.0f s left)", step + 1, config.unet_steps,
+                     float(np.mean(record.unet_losses[-config.log_every:])), elapsed,
+                     elapsed / (step + 1) * (config.unet_steps - step - 1))
+    unet.eval()
+    record.seconds["unet"] = time.perf_counter() - started
+
+
+def train_tiny_model(out_dir, config: TrainingConfig = TrainingConfig()) -> pathlib.Path:
+    """Writes the trained pipeline (diffusers layout), ``training.json`` and ``loss_curve.png``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .tiny_model import write_tiny_sdxl
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    out = pathlib.Path(out_dir)
+    record = TrainingLog(config=asdict(config))
+    write_tiny_sdxl(out, seed=config.seed)  # the architecture, tokenizers and the frozen text encoders
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    started = time.perf_counter()
+    log.info("training the VAE: %d steps of %d crops of %d px", config.vae_steps, config.vae_batch, config.vae_crop)
+    train_vae(pipe.vae, config, record)
+    log.info("rendering %d training images (held-out captions excluded)", config.images)
+    scenes = _training_scenes(config.images, config.seed + 3)
+    means = encode_scenes(pipe.vae, scenes)
+    record.scaling_factor = float(1.0 / means.std())
+    pipe.vae.register_to_config(scaling_factor=record.scaling_factor)
+    log.info("latent std %.4f: scaling factor %.5f", float(means.std()), record.scaling_factor)
+    log.info("training the UNet: %d steps of %d", config.unet_steps, config.unet_batch)
+    train_unet(pipe, means * record.scaling_factor, [caption for _, caption in scenes], config, record)
+    record.seconds["total"] = time.perf_counter() - started
+    pipe.save_pretrained(out, safe_serialization=True)
+    for weights in out.rglob("*.safetensors"):
+        weights.chmod(0o644)
+    (out / "training.json").write_text(json.dumps(asdict(record), indent=1))
+    draw_loss_curve(record, out / "loss_curve.png")
+    log.info("trained model written to %s in %.0f s", out, record.seconds["total"])
+    return out
+
+
+def draw_loss_curve(record: TrainingLog, path: pathlib.Path, width: int = 900, height: int = 360) -> None:
+    """Both stages' losses (moving average over 50 steps, log scale) side by side, with Pillow only."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    panels = [("VAE reconstruction loss", record.vae_losses), ("UNet noise-prediction loss", record.unet_losses)]
+    panel_width = width // len(panels)
+    for i, (title, losses) in enumerate(panels):
+        left, top, right, bottom = i * panel_width + 50, 30, (i + 1) * panel_width - 15, height - 40
+        draw.rectangle([left, top, right, bottom], outline="black")
+        draw.text((left, 8), title, fill="black")
+        if len(losses) < 2:
+            continue
+        window = min(50, len(losses))
+        smooth = np.convolve(np.log10(np.maximum(losses, 1e-8)), np.ones(window) / window, mode="valid")
+        low, high = float(smooth.min()), float(smooth.max())
+        span = max(high - low, 1e-6)
+        points = [(left + (right - left) * k / max(1, len(smooth) - 1), bottom - (bottom - top) * (v - low) / span)
+                  for k, v in enumerate(smooth)]
+        draw.line(points, fill=(200, 30, 30), width=2)
+        draw.text((4 + i * panel_width, top), f"{10 ** high:.3g}", fill="black")
+        draw.text((4 + i * panel_width, bottom - 10), f"{10 ** low:.3g}", fill="black")
+        draw.text((left, bottom + 8), f"step 1 .. {len(losses)}", fill="black")
+    image.save(path)
