@@ -105,3 +105,16 @@ def broken_repository(folder):
     (repository / "broken").mkdir(parents=True)
     (repository / "broken" / "config.pbtxt").write_text('backend: "python"\nthis is not pbtxt')
     return repository
+
+
+def ready_answer(port: int) -> tuple[int, str]:
+    """Status and body of ``GET /v2/health/ready`` on ``port`` (the gateway's, or tritonserver's own)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/v2/health/ready")
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()

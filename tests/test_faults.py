@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from python_backend.client import generate
-from conftest import rank_workers, tiny_serving_settings, wait_until_busy, wait_until_exited
+from conftest import ready_answer, rank_workers, tiny_serving_settings, wait_until_busy, wait_until_exited
 from python_backend.client.request import request_tensors
 from python_backend.serving.repository import serve_repository
 
@@ -213,15 +213,7 @@ def test_a_cancelled_pipeline_request_over_grpc_stops_at_the_next_step(server):
 
 
 def _ready_status(server) -> tuple[int, str]:
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        connection.request("GET", "/v2/health/ready")
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
+    return ready_answer(server.http_port)
 
 
 def test_readiness_is_false_until_a_lost_rank_is_replaced_without_a_request(server):

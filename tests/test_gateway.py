@@ -21,6 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from conftest import ready_answer
 from python_backend.serving import server as srv
 from python_backend.serving.gateway import _Message, tag_http_infer_body
 from python_backend.serving.signals import (CANCEL_DIR_ENV_VAR, CANCEL_PARAMETER, FAILED, READY, STATUS_DIR_ENV_VAR,
@@ -227,24 +228,16 @@ def _wait(predicate, timeout: float, what: str):
         time.sleep(0.1)
 
 
-def _ready_answer(port: int) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", "/v2/health/ready")
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 def test_readiness_turns_false_when_a_stub_dies(tmp_path):
     server = srv.TritonServer(write_echo_repository(tmp_path / "repository"), *srv.free_ports(3),
                               workdir=tmp_path / "work")
     with server:
-        assert server.health_problems() == [] and _ready_answer(server.http_port)[0] == 200
+        assert server.health_problems() == [] and ready_answer(server.http_port)[0] == 200
         (stub,) = server.stub_processes()["echo"]
         os.kill(stub, signal.SIGKILL)
-        status, body = _wait(lambda: (a := _ready_answer(server.http_port))[0] != 200 and a, 30,
+        status, body = _wait(lambda: (a := ready_answer(server.http_port))[0] != 200 and a, 30,
                              "readiness stayed 200 after the stub was killed")
         assert status == 503 and "model 'echo': its Python backend stub process has exited" in body, body
         client = grpcclient.InferenceServerClient(server.urls["grpc"])
@@ -253,7 +246,7 @@ def test_readiness_turns_false_when_a_stub_dies(tmp_path):
         finally:
             client.close()
         # what Triton alone would have said: ready
-        assert _ready_answer(server.triton_http_port)[0] == 200
+        assert ready_answer(server.triton_http_port)[0] == 200
 
 
 def test_serve_exits_when_a_stub_dies(tmp_path):

@@ -91,12 +91,7 @@ def write_echo_repository(root: Path) -> Path:
     return root
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+alive = srv.alive
 
 
 @pytest.fixture(scope="module")

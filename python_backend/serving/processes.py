@@ -27,6 +27,15 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie has exited already), read from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes in process group ``pgid``, read from /proc."""
     members = []

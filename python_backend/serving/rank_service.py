@@ -128,10 +128,14 @@ class RankService:
         self.last_start_s = 0.0  # how long the last (re)start took, warm-up included
         self._group_ok = False  # False after a start that failed: the next request restarts the group
         self.on_state(STARTING, "", [])
+        self._start_group_reporting("start")
+
+    def _start_group_reporting(self, what: str) -> None:
+        """``_start_group``, telling ``on_state`` whether the group is ready or why it failed."""
         try:
             self._start_group()
         except BaseException as error:
-            self.on_state(FAILED, f"{type(error).__name__}: {error}", [])
+            self.on_state(FAILED, f"{what} failed: {type(error).__name__}: {error}", [])
             raise
         self.on_state(READY, "", self.worker_pids)
 
@@ -272,12 +276,7 @@ class RankService:
         self._stop_workers(kill=True)
         self.ranks.close()
         self.restarts += 1
-        try:
-            self._start_group()
-        except BaseException as error:
-            self.on_state(FAILED, f"restart after {reason} failed: {error}", [])
-            raise
-        self.on_state(READY, "", self.worker_pids)
+        self._start_group_reporting(f"restart after {reason}")
         log.info("rank group of %d restarted (%d restart(s) so far)", self.config.world_size, self.restarts)
 
     def _stop_workers(self, kill: bool, timeout: float = 10.0) -> None:

@@ -105,7 +105,7 @@ from .access import (  # noqa: F401  (re-exported: the server's security default
     resolve_admin_key,
 )
 from .gateway import Gateway, Limits
-from .processes import free_ports, group_members, kill_group, wait_group_exit  # noqa: F401  (re-exported)
+from .processes import alive, free_ports, group_members, kill_group, wait_group_exit  # noqa: F401  (re-exported)
 from .signals import CANCEL_DIR_ENV_VAR, STATUS_DIR_ENV_VAR, CancelMarkers, state_problems
 from .shared_memory import (  # noqa: F401
     LAUNCHER,
@@ -449,7 +449,7 @@ class TritonServer:
         stubs = self.stub_processes()
         problems = [f"model '{name}': its Python backend stub process has exited"
                     for name in loaded if name not in stubs]
-        return problems + state_problems(self.status_dir, _alive)
+        return problems + state_problems(self.status_dir, alive)
 
     def loaded_python_models(self) -> list[str]:
         """The Python models tritonserver has loaded (READY), from its repository index."""
@@ -599,14 +599,6 @@ def repository_body_limit(repository: Path) -> int:
     :data:`DEFAULT_MAX_REQUEST_BYTES` for a repository without deployment settings."""
     settings = _deployment_settings(repository)
     return settings.request_body_limit() if settings is not None else DEFAULT_MAX_REQUEST_BYTES
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _last_option(args: Sequence[str], name: str) -> str | None:
