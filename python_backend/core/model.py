@@ -110,9 +110,11 @@ class Conditioning:
 
 
 def encode_prompt(
-    pipe, prompt: str, negative_prompt: str | None, num_images: int, guided: bool, height: int, width: int
+    pipe, prompt: str | list[str], negative_prompt: str | None, num_images: int, guided: bool, height: int,
+    width: int,
 ) -> Conditioning:
-    """Prompt embeddings exactly as diffusers' pipeline builds them for ``__call__``."""
+    """Prompt embeddings exactly as diffusers' pipeline builds them for ``__call__`` (a list of prompts:
+    one image per prompt and ``num_images``, unconditional halves first when guided)."""
     device = pipe._execution_device
     if hasattr(pipe, "text_encoder_2"):
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
@@ -127,8 +129,7 @@ def encode_prompt(
         if guided:
             embeds = torch.cat([negative, embeds])
             pooled = torch.cat([negative_pooled, pooled])
-            time_ids = torch.cat([time_ids, time_ids])
-        time_ids = time_ids.to(device).repeat(num_images, 1)
+        time_ids = time_ids.to(device).repeat(embeds.shape[0], 1)  # the same for every image of the batch
         return Conditioning(embeds.to(device), {"text_embeds": pooled.to(device), "time_ids": time_ids})
     embeds, negative = pipe.encode_prompt(
         prompt, device, num_images, guided, negative_prompt=negative_prompt
