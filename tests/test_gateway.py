@@ -211,6 +211,12 @@ def test_tagged_requests_follow_each_other_on_one_connection(echo, tmp_path):
             response = connection.getresponse()
             assert (response.status, _echoed(response.read())) == (200, f"request {i}")
         connection.close()
+        with _connect(http_port) as sock:  # pipelined: the second request waits in the buffer, not seen as a close
+            first, second = _echo_body("first"), _echo_body("second")
+            sock.sendall(_head(INFER, len(first)) + first + _head(INFER, len(second)) + second)
+            status1, answer1, rest = _read_response(sock)
+            status2, answer2, _ = _read_response(sock, rest)
+            assert (status1, _echoed(answer1), status2, _echoed(answer2)) == (200, "first", 200, "second")
         for i in range(5):
             assert infer_grpc(f"127.0.0.1:{grpc_port}", f"grpc {i}")[0] == f"grpc {i}".encode()
         assert markers.marked() == []

@@ -288,7 +288,7 @@ class HttpFront:
         self.markers, self.readiness = markers, readiness
         self.loop = asyncio.new_event_loop()
         self._server = None
-        self._connections: set[asyncio.StreamWriter] = set()
+        self._connections: set[asyncio.Task] = set()
         self._thread = threading.Thread(target=self.loop.run_forever, name="gateway-http", daemon=True)
 
     def start(self) -> None:
@@ -303,23 +303,28 @@ class HttpFront:
         async def close():
             if self._server is not None:
                 self._server.close()
-            for writer in list(self._connections):
-                writer.close()
+            for task in list(self._connections):  # each closes its client and upstream connections
+                task.cancel()
+            if self._connections:
+                await asyncio.wait(list(self._connections), timeout=2)
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections.add(writer)
+        task = asyncio.current_task()
+        self._connections.add(task)
         upstream = _Upstream(*self.upstream)
         try:
             while await self._one_request(reader, writer, upstream):
                 pass
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # the client went away mid-message
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
+            pass  # the client went away mid-message, or the gateway stops
+        except Exception:  # a bug here must cost this connection only
+            log.exception("the gateway dropped an HTTP connection after an unexpected error")
         finally:
-            self._connections.discard(writer)
+            self._connections.discard(task)
             upstream.close()
             writer.close()
 
@@ -391,13 +396,11 @@ class HttpFront:
 async def _client_gone(reader: asyncio.StreamReader) -> bool:
     """Waits until the client closes its side (True); a client that sends more instead is not gone."""
     while True:
+        if reader._buffer:  # noqa: SLF001  (pipelined: the next request is already here)
+            return False
         if reader.at_eof():
             return True
         await reader._wait_for_data("client_gone")  # noqa: SLF001  (waits without consuming pipelined data)
-        if reader.at_eof() and not reader._buffer:  # noqa: SLF001
-            return True
-        if reader._buffer:  # noqa: SLF001  (pipelined: the next request is already here)
-            return False
 
 
 # --------------------------------------------------------------------------------------------------
