@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model: set up, write the model, fill a Triton model repository
-# for 2 CPU ranks, start the real tritonserver, generate one image through it over HTTP, save it, stop.
+# The main job on the embedded default model (trained on coloured shapes): set up, write the model, fill a
+# Triton model repository for 2 CPU ranks, start the real tritonserver, generate one image through it over
+# HTTP, save it, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1
 HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
 bin=.venv/bin
-[ -f artifacts/tiny-sdxl/model_index.json ] || $bin/distrifusion tiny-model artifacts/tiny-sdxl
+[ -f artifacts/shapes-sdxl/model_index.json ] || $bin/distrifusion tiny-model artifacts/shapes-sdxl
 # build/tiny-cpu.toml names the model, size, ranks, backend and served defaults of this deployment.
 $bin/distrifusion build --recipe build/tiny-cpu.toml
 $bin/distrifusion serve --repository artifacts/repository --host 127.0.0.1 \
@@ -26,4 +27,4 @@ for _ in range(300):
 sys.exit("the server did not become ready in 300 s")
 PY
 $bin/distrifusion client --url "127.0.0.1:$HTTP_PORT" --protocol http \
-  --prompt "a photo of an astronaut riding a horse" --seed 0 --out outputs/astronaut.png "$@"
+  --prompt "a large red circle at the top left on a green background" --seed 0 --out outputs/quickstart.png "$@"

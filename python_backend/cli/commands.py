@@ -42,10 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distrifusion", description="DistriFusion patch-parallel diffusion")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tiny = commands.add_parser("tiny-model", help="write the embedded default model (small, seeded random weights)")
+    tiny = commands.add_parser("tiny-model", help="write the embedded default model (the trained tiny SDXL-layout "
+                                                  "pipeline: coloured shapes at 256x256), or one with random weights")
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--family", choices=("sdxl", "sd15"), default="sdxl")
+    tiny.add_argument("--random", action="store_true",
+                      help="seeded random weights instead of the trained ones (for tests; any size)")
+    tiny.add_argument("--seed", type=int, default=0, help="the random weights' seed (with --random)")
+    tiny.add_argument("--family", choices=("sdxl", "sd15"), default="sdxl",
+                      help="sd15: the SD 1.5 layout, random weights only")
     tiny.set_defaults(handler=_tiny_model)
 
     gen = commands.add_parser("generate", help="generate images patch-parallel over N ranks")
@@ -115,11 +119,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tiny_model(args) -> int:
-    from ..embedded.tiny_model import write_tiny_sd15, write_tiny_sdxl
+    from ..embedded.tiny_model import write_tiny_sd15, write_tiny_sdxl, write_trained_sdxl
 
+    if args.family == "sdxl" and not args.random:
+        path = write_trained_sdxl(args.out_dir)
+        print(f"wrote the trained tiny sdxl model (coloured shapes, 256x256) to {path}")
+        return 0
     writer = write_tiny_sdxl if args.family == "sdxl" else write_tiny_sd15
     path = writer(args.out_dir, seed=args.seed)
-    print(f"wrote the tiny {args.family} model to {path}")
+    print(f"wrote the tiny {args.family} model with random weights (seed {args.seed}) to {path}")
     return 0
 
 

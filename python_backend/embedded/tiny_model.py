@@ -1,4 +1,6 @@
-"""Generate the embedded default model: tiny Stable Diffusion pipelines with random weights.
+"""The embedded default model: the trained tiny SDXL pipeline shipped with the package
+(:func:`write_trained_sdxl`, see ``training.py``), and tiny Stable Diffusion pipelines with random
+weights for tests and other layouts (:func:`write_tiny_sdxl`, :func:`write_tiny_sd15`).
 
 The project needs a model that works with no download and no model hub: for tests,
 demos and smoke runs of the distributed sampler. This module builds miniature
@@ -26,6 +28,7 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 from collections import Counter
 from collections.abc import Callable
 
@@ -381,6 +384,26 @@ def _save(pipe, out: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
+
+
+TRAINED_SDXL = pathlib.Path(__file__).resolve().parent / "trained_sdxl"
+"""The trained embedded model (package data): made by ``scripts/train_tiny_model.py``."""
+
+
+def write_trained_sdxl(out_dir: str | os.PathLike) -> pathlib.Path:
+    """Copy the trained tiny SDXL pipeline (procedural shapes, 256x256) to ``out_dir``; return its path.
+
+    Loadable with ``diffusers.StableDiffusionXLPipeline.from_pretrained(out_dir)``.
+    """
+    if not (TRAINED_SDXL / "model_index.json").is_file():
+        raise FileNotFoundError(f"the trained embedded model is not in this installation ({TRAINED_SDXL}); "
+                                "write a random one with `distrifusion tiny-model OUT --random`")
+    out = pathlib.Path(out_dir)
+    shutil.copytree(TRAINED_SDXL, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in out.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    logger.info("wrote the trained tiny SDXL pipeline to %s", out)
+    return out
 
 
 def write_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
