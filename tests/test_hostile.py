@@ -107,21 +107,7 @@ def _post_chunked(server, path: str, chunks) -> tuple[int, str]:
 
 
 def _grpc_infer(server, model: str, tensors, request_id: str = "") -> tuple[str, str]:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(server.urls["grpc"])
-    inputs = []
-    for name, array, datatype in tensors:
-        given = grpcclient.InferInput(name, list(array.shape), datatype)
-        given.set_data_from_numpy(array)
-        inputs.append(given)
-    try:
-        client.infer(model, inputs, request_id=request_id)
-    except InferenceServerException as error:
-        return str(error.status()).removeprefix("StatusCode."), error.message()
-    finally:
-        client.close()
-    return "OK", ""
+    return _infer(server, model, tensors, "grpc", request_id)
 
 
 def _json(name, datatype, data, shape=None):
@@ -137,20 +123,31 @@ def _json_infer(server, model: str, inputs: list, raw: dict[str, str] | None = N
     return _post(server, f"/v2/models/{model}/infer", body)
 
 
-def _binary_infer(server, model: str, tensors: list[tuple[str, np.ndarray, str]]) -> tuple[int, str]:
-    client = httpclient.InferenceServerClient(server.urls["http"], network_timeout=120)
+def _infer(server, model: str, tensors, protocol: str = "http", request_id: str = ""):
+    """A binary-tensor request with tritonclient; (HTTP status as int | gRPC status name, message)."""
+    import tritonclient.grpc as grpcclient
+
+    module = httpclient if protocol == "http" else grpcclient
+    options = {"network_timeout": 120} if protocol == "http" else {}
+    client = module.InferenceServerClient(server.urls[protocol], **options)
     inputs = []
     for name, array, datatype in tensors:
-        given = httpclient.InferInput(name, list(array.shape), datatype)
+        given = module.InferInput(name, list(array.shape), datatype)
         given.set_data_from_numpy(array)
         inputs.append(given)
     try:
-        client.infer(model, inputs)
+        client.infer(model, inputs, request_id=request_id)
     except InferenceServerException as error:
-        return int(error.status()), error.message()
+        if protocol == "http":
+            return int(error.status()), error.message()
+        return str(error.status()).removeprefix("StatusCode."), error.message()
     finally:
         client.close()
-    return 200, ""
+    return (200, "") if protocol == "http" else ("OK", "")
+
+
+def _binary_infer(server, model: str, tensors) -> tuple[int, str]:
+    return _infer(server, model, tensors)
 
 
 PROMPT = _json("prompt", "BYTES", ["a cat"])

@@ -130,8 +130,9 @@ async def _read_chunked(reader: asyncio.StreamReader, limit: int | None) -> byte
         except ValueError:
             raise _Refused(400, "Bad Request", "malformed chunk size in a chunked body", close=True) from None
         if length == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, ignored
-                pass
+            trailer = await reader.readuntil(b"\r\n")
+            while trailer != b"\r\n":  # trailer fields, up to the empty line: ignored
+                trailer = await reader.readuntil(b"\r\n")
             return b"".join(parts)
         size += length
         if limit is not None and size > limit:
@@ -317,8 +318,9 @@ class HttpFront:
         self._connections.add(task)
         upstream = _Upstream(*self.upstream)
         try:
-            while await self._one_request(reader, writer, upstream):
-                pass
+            keep_open = True
+            while keep_open:
+                keep_open = await self._one_request(reader, writer, upstream)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
             pass  # the client went away mid-message, or the gateway stops
         except Exception:  # a bug here must cost this connection only
@@ -381,10 +383,7 @@ class HttpFront:
             if gone in done and gone.result():
                 self.markers.mark(key)
                 log.info("a client disconnected before its answer: its request is cancelled")
-                try:
-                    await answer
-                except _Refused:
-                    pass
+                await asyncio.gather(answer, return_exceptions=True)  # its answer or error goes nowhere now
                 return None
             return await answer
         finally:
