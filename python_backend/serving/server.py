@@ -286,7 +286,7 @@ class TritonServer:
         ``private_shm``: start the server through :func:`exec_private` (regions 0600, no_new_privs);
         ``gateway``: put the gateway (``gateway.py``: body limit, cancellation on disconnect, truthful
         readiness) on the HTTP and gRPC ports, tritonserver's own on free loopback ports behind it;
-        ``max_request_bytes``: its body limit (default: the deployment's, :func:`repository_body_limit`)."""
+        ``max_request_bytes``: its body limit (default: the deployment's, :func:`repository_limits`)."""
         self.repository = Path(repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
@@ -300,10 +300,9 @@ class TritonServer:
         self.restricted_apis = tuple(dict.fromkeys(restricted_apis))
         self.private_shm = private_shm
         self.use_gateway = gateway
-        settings = _deployment_settings(self.repository)
-        self.max_request_bytes = max_request_bytes or (settings.request_body_limit() if settings
-                                                       else DEFAULT_MAX_REQUEST_BYTES)
-        self.max_request_id_chars = settings.max_request_id_chars if settings else DEFAULT_MAX_REQUEST_ID_CHARS
+        deployment = repository_limits(self.repository)
+        self.max_request_bytes = max_request_bytes or deployment.request_bytes
+        self.max_request_id_chars = deployment.request_id_chars
         self.process: subprocess.Popen | None = None
         self.gateway: Gateway | None = None
         # where tritonserver itself listens: behind the gateway, free loopback ports chosen at start
@@ -410,7 +409,8 @@ class TritonServer:
             try:
                 self.gateway = Gateway(self.host, self.http_port, self.grpc_port, self.triton_host,
                                        self.triton_http_port, self.triton_grpc_port,
-                                       Limits(self.max_request_bytes, self.max_request_id_chars), CancelMarkers(self.cancel_dir), readiness=self.health_problems).start()
+                                       Limits(self.max_request_bytes, self.max_request_id_chars),
+                                       CancelMarkers(self.cancel_dir), readiness=self.health_problems).start()
             except BaseException:
                 self.stop()
                 raise
@@ -588,17 +588,20 @@ def _python_models(repository: Path) -> set[str]:
     return found
 
 
-def _deployment_settings(repository: Path):
+def repository_limits(repository: Path) -> Limits:
+    """The gateway's limits for the deployment in ``repository`` (its settings' ``request_body_limit`` and
+    ``max_request_id_chars``); the defaults for a repository without deployment settings."""
     from .settings import ServingSettings
 
-    return ServingSettings.read_repository(repository)
+    settings = ServingSettings.read_repository(repository)
+    if settings is None:
+        return Limits(DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_ID_CHARS)
+    return Limits(settings.request_body_limit(), settings.max_request_id_chars)
 
 
 def repository_body_limit(repository: Path) -> int:
-    """The request body limit of the deployment in ``repository`` (its settings' ``request_body_limit``),
-    :data:`DEFAULT_MAX_REQUEST_BYTES` for a repository without deployment settings."""
-    settings = _deployment_settings(repository)
-    return settings.request_body_limit() if settings is not None else DEFAULT_MAX_REQUEST_BYTES
+    """The request body limit of the deployment in ``repository`` (see :func:`repository_limits`)."""
+    return repository_limits(repository).request_bytes
 
 
 def _last_option(args: Sequence[str], name: str) -> str | None:
