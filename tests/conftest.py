@@ -118,3 +118,14 @@ def ready_answer(port: int) -> tuple[int, str]:
         return response.status, response.read().decode()
     finally:
         connection.close()
+
+
+def group_restarts(server) -> float:
+    """The denoiser's rank-group restart counter, read from the server's /metrics."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.urls["metrics"], timeout=10).read().decode()
+    found = re.search(r"^distrifusion_rank_group_restarts_total\{[^}]*\} (\S+)$", text, re.M)
+    assert found, "the restart counter is not exported"
+    return float(found.group(1))

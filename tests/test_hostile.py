@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import TINY_SIZE, rank_workers, tiny_serving_settings, wait_until_busy
+from conftest import TINY_SIZE, group_restarts, rank_workers, tiny_serving_settings, wait_until_busy
 from python_backend.client import generate
 from python_backend.serving import server as srv
 from python_backend.serving.repository import serve_repository
@@ -46,13 +44,6 @@ def _image(server) -> np.ndarray:
     return generate(server.urls["http"], "a quiet harbour", seed=7, steps=2)
 
 
-def _restarts(server) -> float:
-    text = urllib.request.urlopen(server.urls["metrics"], timeout=10).read().decode()
-    found = re.search(r"^distrifusion_rank_group_restarts_total\{[^}]*\} (\S+)$", text, re.M)
-    assert found, "the restart counter is not exported"
-    return float(found.group(1))
-
-
 def group_rss_kib(server) -> int:
     """Resident memory (VmRSS, KiB) summed over the server's process group: tritonserver, the stubs
     and the rank workers. Shared pages (the Python backend's /dev/shm regions, torch's libraries)
@@ -72,7 +63,7 @@ def group_rss_kib(server) -> int:
 def baseline(server):
     image = _image(server)
     _image(server)  # a second one: lazily grown buffers are at their steady size
-    return {"image": image, "workers": sorted(rank_workers(server)), "restarts": _restarts(server),
+    return {"image": image, "workers": sorted(rank_workers(server)), "restarts": group_restarts(server),
             "rss": group_rss_kib(server)}
 
 
@@ -298,7 +289,7 @@ def test_after_the_mix_nothing_changed(server, baseline):
     assert len(CASES) >= 30
     np.testing.assert_array_equal(_image(server), baseline["image"])
     assert sorted(rank_workers(server)) == baseline["workers"]
-    assert _restarts(server) == baseline["restarts"] == 0
+    assert group_restarts(server) == baseline["restarts"] == 0
     grown = group_rss_kib(server) / baseline["rss"] - 1
     print(f"process group RSS: {baseline['rss'] / 1024:.0f} MiB before the mix, grown by {grown:+.2%}")
     assert grown < 0.05
@@ -333,4 +324,4 @@ def test_a_full_queue_answers_busy_at_once(server, baseline):
         assert seconds < 5
     assert _ready(server)
     np.testing.assert_array_equal(_image(server), baseline["image"])
-    assert _restarts(server) == 0
+    assert group_restarts(server) == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import rank_workers, relative_l2
+from conftest import group_restarts, rank_workers, relative_l2
 from python_backend.cli import main
 
 pytestmark = pytest.mark.slow  # one build, two generations and a server: about 1.5 min on 2 cores
@@ -84,6 +84,8 @@ def test_engine_generate_writes_an_image_close_to_the_eager_one(cli_run):
 
 
 def test_served_engine_image_equals_the_command_lines(cli_run):
+    from tritonclient.utils import InferenceServerException
+
     from python_backend.client import generate
     from python_backend.serving.server import TritonServer, free_ports
 
@@ -93,6 +95,13 @@ def test_served_engine_image_equals_the_command_lines(cli_run):
     try:
         server.wait_ready(300)
         served = generate(server.urls["http"], PROMPT, seed=SEED)  # steps, guidance, scheduler: the built defaults
+        # an unguided request cannot run on engines built for the CFG batch: refused naming the field,
+        # and the rank group is not restarted for it
+        workers = rank_workers(server)
+        with pytest.raises(InferenceServerException) as refused:
+            generate(server.urls["http"], PROMPT, seed=SEED, guidance_scale=1.0)
+        assert "guidance_scale" in str(refused.value) and "above 1" in str(refused.value)
+        assert group_restarts(server) == 0 and rank_workers(server) == workers
         explicit = generate(server.urls["grpc"], PROMPT, protocol="grpc", seed=SEED, steps=STEPS,
                             guidance_scale=GUIDANCE, scheduler="euler", height=SIZE, width=SIZE)
         log = server.log_path.read_text()
@@ -107,3 +116,33 @@ def test_served_engine_image_equals_the_command_lines(cli_run):
     np.testing.assert_array_equal(served, command_line)
     np.testing.assert_array_equal(explicit, command_line)
     assert f"denoised {SIZE}x{SIZE}, {STEPS} steps" in log
+
+
+def _refused_then_served(ranks, model, engine_dir):
+    """On one rank group: a request the engines were not built for (64x64), then the built one."""
+    from python_backend.core.denoise import GenerationRefused, GenerationRequest
+    from python_backend.core.modes import Mode
+    from python_backend.core.parallel import ParallelConfig
+    from python_backend.engines.loader import load_denoiser
+
+    parallel = ParallelConfig(Mode("corrected_async_gn"), WARMUP, split_cfg=False)
+    denoiser = load_denoiser(model, ranks, parallel, "float32", "onnxruntime", engine_dir)
+    request = GenerationRequest(PROMPT, height=SIZE, width=SIZE, steps=STEPS, guidance=GUIDANCE, scheduler="euler",
+                                seed=SEED)
+    try:
+        denoiser.generate(GenerationRequest(PROMPT, height=64, width=64, steps=STEPS, guidance=GUIDANCE))
+    except GenerationRefused as refused:
+        message = str(refused)
+    else:
+        message = None
+    return message, denoiser.generate(request).latents.numpy()
+
+
+def test_a_request_the_engines_cannot_run_is_refused_on_every_rank_and_the_group_serves_on(cli_run, tiny_sdxl):
+    from python_backend.core.ranks import run_on_ranks
+
+    message, latents = run_on_ranks(RANKS, _refused_then_served, (str(tiny_sdxl), str(cli_run["build"])))
+    assert message is not None and "built for" in message, message
+    # the same group (a rank that had not refused would still hang in the first step's exchange) then
+    # ran the built request: the command line's engine latents
+    np.testing.assert_array_equal(latents, np.load(cli_run["outputs"]["onnxruntime"][1]))

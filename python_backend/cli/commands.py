@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="torch: no engines (the eager core serves every step)")
     bld.add_argument("--precision", choices=("fp16", "fp32"), default=None,
                      help="default: fp16 for tensorrt, fp32 for onnxruntime")
+    bld.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                     help="the served UNet's dtype on every rank (auto: float16 on CUDA, float32 on CPU)")
     bld.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
     bld.add_argument("--no-split-cfg", action="store_true", help="every rank runs both guidance halves")
     bld.add_argument("--split-cfg", action="store_false", dest="no_split_cfg",
@@ -177,7 +179,7 @@ def _build(args) -> int:
             split_cfg=not args.no_split_cfg, engine=args.backend, engine_dir=str(folder.resolve()) if folder else "",
             sizes=f"{args.height}x{args.width}", default_steps=args.steps, default_guidance=args.guidance,
             default_scheduler=args.scheduler, default_height=args.height, default_width=args.width,
-            max_steps=args.max_steps,
+            max_steps=args.max_steps, dtype=args.dtype,
         )
         print(f"model repository ready at {fill_repository(args.repository, settings)}")
     return 0

@@ -9,7 +9,8 @@ errors that name the key. Relative paths are taken from the current working dire
     width = 512
     ranks = 2
     backend = "onnxruntime"             # torch | onnxruntime | tensorrt
-    precision = "fp32"                  # fp16 | fp32
+    precision = "fp32"                  # fp16 | fp32 (the engines)
+    dtype = "auto"                      # the served UNet: auto | float32 | float16 | bfloat16
     mode = "corrected_async_gn"
     warmup_steps = 4
     split_cfg = true
@@ -36,7 +37,7 @@ class RecipeError(ValueError):
 # recipe key -> (argparse dest, type); [served] keys are prefixed "served."
 KEYS = {
     "model": ("model", Path), "height": ("height", int), "width": ("width", int), "ranks": ("ranks", int),
-    "backend": ("backend", str), "precision": ("precision", str), "mode": ("mode", str),
+    "backend": ("backend", str), "precision": ("precision", str), "dtype": ("dtype", str), "mode": ("mode", str),
     "warmup_steps": ("warmup_steps", int), "split_cfg": ("no_split_cfg", bool), "num_images": ("num_images", int),
     "cut": ("cut", str), "out": ("out", Path), "repository": ("repository", Path),
     "served.steps": ("steps", int), "served.guidance": ("guidance", float), "served.scheduler": ("scheduler", str),

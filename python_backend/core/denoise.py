@@ -20,6 +20,7 @@ from .layout import PatchLayout
 from .model import Conditioning, encode_prompt, make_scheduler, unet_downsampling_factor
 from .parallel import ParallelConfig
 from .patch_layers import patch_unet
+from .placement import Placement, for_unet
 from .ranks import PatchPlan, RankGroup
 from .transport import BufferTransport
 
@@ -97,34 +98,29 @@ class PatchParallelDenoiser:
         """Final latents of ``request``; every rank calls this with the same arguments.
 
         ``cond`` is the full guided conditioning when the prompt was encoded elsewhere (a text
-        encoder model); without it the prompt is encoded here. With ``stoppable`` (on every rank),
-        ``should_stop`` (read on rank 0 at every step boundary) cancels the generation on every rank:
-        ``GenerationCancelled``; without it no per-step decision is exchanged.
+        encoder model, another rank), on any device and in any floating dtype: it is placed on this
+        rank's device in its UNet's dtype here (``placement``); without it the prompt is encoded here.
+        With ``stoppable`` (on every rank), ``should_stop`` (read on rank 0 at every step boundary)
+        cancels the generation on every rank: ``GenerationCancelled``; without it no per-step decision
+        is exchanged. A request that some rank cannot run raises ``GenerationRefused`` on every rank.
         """
         pipe, device = self.pipe, self.ranks.device
         parallel = parallel or self.parallel
-        self.context.mode, self.context.warmup_steps = parallel.mode, parallel.warmup_steps
-        plan = self.ranks.plan(request.guided, parallel.split_cfg)
-        latent_height = request.height // self.vae_scale
-        self.context.layout = PatchLayout.split(latent_height, plan.size, self.factor, plan.index)
-        self.context.exchange = self.exchange_class(plan.group, plan.index, plan.size)
+        problem = None
+        try:  # everything a rank can refuse, before the first collective
+            plan, engine, cond = self._prepare(request, parallel, cond)
+        except Exception as error:
+            problem = error
+        self._agree_prepared(problem)
         outputs = _OutputGather(self.ranks, plan, self.context.layout)
-        engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
-
-        if cond is None:
-            cond = encode_prompt(
-                pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
-                request.height, request.width,
-            )
-        if plan.branch is not None:
-            cond = cond.half(plan.branch)
+        placement = Placement.of_unet(pipe.unet, device)
         # diffusers' prepare_latents and prepare_extra_step_kwargs read pipe.scheduler.
         pipe.scheduler = scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
         scheduler.set_timesteps(request.steps, device=device)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         latents = pipe.prepare_latents(
             request.num_images, pipe.unet.config.in_channels, request.height, request.width,
-            cond.prompt_embeds.dtype, device, generator,
+            placement.dtype, device, generator,
         )
         step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
 
@@ -165,6 +161,43 @@ class PatchParallelDenoiser:
         return result
 
 
+    def _prepare(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None):
+        """This rank's plan, engine (or None) and placed conditioning for ``request``."""
+        self.context.mode, self.context.warmup_steps = parallel.mode, parallel.warmup_steps
+        plan = self.ranks.plan(request.guided, parallel.split_cfg)
+        latent_height = request.height // self.vae_scale
+        self.context.layout = PatchLayout.split(latent_height, plan.size, self.factor, plan.index)
+        self.context.exchange = self.exchange_class(plan.group, plan.index, plan.size)
+        engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
+        if cond is None:
+            cond = encode_prompt(
+                self.pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
+                request.height, request.width,
+            )
+        cond = for_unet(cond, Placement.of_unet(self.pipe.unet, self.ranks.device))
+        if plan.branch is not None:
+            cond = cond.half(plan.branch)
+        return plan, engine, cond
+
+    def _agree_prepared(self, problem: Exception | None) -> None:
+        """Every rank learns whether any rank could not prepare the request; then all of them raise
+        ``GenerationRefused`` together (and stay up for the next request) or all of them go on."""
+        failed = problem is not None
+        if self.ranks.world_size > 1 and self.ranks.control is not None:
+            import torch.distributed as dist
+
+            flags = torch.zeros(self.ranks.world_size, dtype=torch.int64)
+            flags[self.ranks.rank] = int(failed)
+            dist.all_reduce(flags, group=self.ranks.control)
+            failed_ranks = [r for r, flag in enumerate(flags.tolist()) if flag]
+        else:
+            failed_ranks = [0] if failed else []
+        if not failed_ranks:
+            return
+        if problem is not None:
+            raise GenerationRefused(str(problem)) from problem
+        raise GenerationRefused(f"rank(s) {failed_ranks} could not run this request (their logs say why)")
+
     def _stop_everywhere(self, should_stop) -> bool:
         """Rank 0's answer to ``should_stop``, agreed by every rank at the same step boundary."""
         stop = bool(should_stop()) if should_stop is not None and self.ranks.rank == 0 else False
@@ -179,6 +212,11 @@ class PatchParallelDenoiser:
 
 class GenerationCancelled(RuntimeError):
     """A generation stopped at a step boundary (cancelled by the client or past its deadline)."""
+
+
+class GenerationRefused(ValueError):
+    """A rank could not run this request (e.g. engines built for another batch); every rank raised it
+    before the first step, so the group is intact and serves the next request."""
 
 
 class _OutputGather:

@@ -45,7 +45,7 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 MODEL_MAX_LENGTH = 77
-NUM_MERGES = 256
+NUM_MERGES = 400
 SANITY_PROMPT = "a photo of an astronaut riding a horse"
 
 # The corpus the BPE merges are learned from. Any fixed text works; common English
@@ -68,6 +68,13 @@ table chair window door room kitchen street market crowd festival
 that there their these those then than when where which while what who why how
 other another about after before under over into through between around during
 """.split()
+# The embedded shapes model's caption words (``shapes.py``), weighted so that each becomes one token: a
+# caption attribute is then one token embedding, not a run of sub-word pieces, for the text encoders.
+_SCENE_WORDS = """
+a an at the on small large red green blue yellow purple orange white black circle square triangle star
+top bottom left right center background shaded grainy
+""".split()
+_CORPUS_WORDS += _SCENE_WORDS * 12
 
 
 def _byte_to_unicode_chars() -> list[str]:

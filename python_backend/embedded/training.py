@@ -3,15 +3,17 @@
 The architecture is the tiny SDXL layout of ``tiny_model.py`` (two CLIP text encoders, pooled text
 embeddings and time ids, AutoencoderKL, UNet2DConditionModel). Training, in order:
 
-1. **VAE**: reconstruction (mean squared error in [-1, 1]) with a very small KL term, on random
-   crops of rendered images; then the latent scaling factor is set to 1 / std of the latents, as
+1. **VAE**: reconstruction (mean squared error in [-1, 1]) with a very small KL term, on crops of
+   rendered images, half of them centred on the object (random crops alone taught it the backgrounds
+   and left small objects' colours wrong); then the latent scaling factor is set to 1 / std of the latents, as
    Stable Diffusion's VAEs were.
 2. **Latents**: a fixed set of rendered images is encoded once (the latent distribution's mean).
 3. **UNet**: the standard noise-prediction objective (epsilon, 1000-step scaled-linear betas, the
    scheduler's training noise) with classifier-free-guidance dropout: a dropped caption is the zero
    conditioning, exactly what the SDXL pipeline feeds the unconditional half for an empty negative
-   prompt (``force_zeros_for_empty_prompt``). The two text encoders stay **frozen with their seeded
-   random weights**: the captions' tokens are all the UNet needs to tell them apart. The UNet is the
+   prompt (``force_zeros_for_empty_prompt``). The two text encoders **train with the UNet** from their
+   seeded random weights (frozen random encoders left the background colour, a few tokens at the end of
+   the caption, unread: 6 % right). The UNet is the
    tiny SDXL layout with one ResNet and one transformer layer per block (:data:`TRAINED_UNET`): half
    the random test model's compute, so that it trains in about an hour on 2 CPU cores.
 
@@ -46,19 +48,22 @@ HELD_OUT_COUNT = 50
 class TrainingConfig:
     seed: int = 0
     size: int = 256  # image side (latents are size / 8)
-    vae_steps: int = 1500
+    vae_steps: int = 2500
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional: small crops train it at a quarter of the cost
+    vae_object_crops: float = 0.5  # share of crops centred on the object (a random crop is mostly background)
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     images: int = 8000  # the fixed training set the UNet sees
-    unet_steps: int = 4500
+    unet_steps: int = 3600
     unet_batch: int = 32
     unet_lr: float = 2e-3
+    text_encoder_lr: float = 5e-4  # the text encoders train with the UNet (they start from seeded random weights)
     unet_warmup_steps: int = 200
     cfg_dropout: float = 0.1
     threads: int = 2
     log_every: int = 50
+    checkpoint_every: int = 0  # > 0: the pipeline is saved to OUT/checkpoint every so many UNet steps
 
 
 @dataclass
@@ -101,6 +106,20 @@ def _lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _crop_corners(specs, config: TrainingConfig, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Top-left corners of the VAE's training crops: a share centred near each scene's object, the rest anywhere."""
+    limit, corners = config.size - config.vae_crop, []
+    for spec in specs:
+        if rng.random() < config.vae_object_crops:
+            row, col = shapes.POSITIONS[spec.position]
+            centre = np.array([shapes.CELL_CENTRES[row], shapes.CELL_CENTRES[col]]) * config.size
+            corner = centre - config.vae_crop / 2 + rng.uniform(-config.vae_crop / 4, config.vae_crop / 4, size=2)
+            corners.append(tuple(int(v) for v in np.clip(np.rint(corner), 0, limit)))
+        else:
+            corners.append(tuple(int(v) for v in rng.integers(0, limit + 1, size=2)))
+    return corners
+
+
 def train_vae(vae, config: TrainingConfig, record: TrainingLog) -> None:
     generator = torch.Generator().manual_seed(config.seed + 1)
     rng = np.random.default_rng(config.seed + 1)
@@ -110,10 +129,10 @@ def train_vae(vae, config: TrainingConfig, record: TrainingLog) -> None:
     for step in range(config.vae_steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config.vae_lr, 50, config.vae_steps)
-        images = [shapes.render(shapes.random_scene(rng), config.size, rng) for _ in range(config.vae_batch)]
-        batch = _to_tensor(images)
-        top, left = (int(v) for v in rng.integers(0, config.size - config.vae_crop + 1, size=2))
-        batch = batch[:, :, top:top + config.vae_crop, left:left + config.vae_crop]
+        specs = [shapes.random_scene(rng) for _ in range(config.vae_batch)]
+        batch = _to_tensor([shapes.render(spec, config.size, rng) for spec in specs])
+        batch = torch.stack([image[:, top:top + config.vae_crop, left:left + config.vae_crop]
+                             for image, (top, left) in zip(batch, _crop_corners(specs, config, rng))])
         posterior = vae.encode(batch).latent_dist
         latents = posterior.sample(generator=generator)
         reconstruction = vae.decode(latents).sample
@@ -141,50 +160,68 @@ def encode_scenes(vae, scenes, batch: int = 32) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@torch.no_grad()
-def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each distinct caption's (prompt_embeds [77, D], pooled [P]) as the SDXL pipeline computes them."""
-    distinct = sorted(set(captions))
-    table = {}
-    for i in range(0, len(distinct), 64):
-        chunk = distinct[i:i + 64]
-        embeds, _, pooled, _ = pipe.encode_prompt(chunk, device=torch.device("cpu"), num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        for caption, e, p in zip(chunk, embeds, pooled):
-            table[caption] = (e, p)
-    return table
+def tokenize_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tokenizers' padded ids [len(captions), 77] for ``captions``, as the SDXL pipeline pads them."""
+    return tuple(tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+                 for tokenizer in (pipe.tokenizer, pipe.tokenizer_2))
 
 
-def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: TrainingConfig, record: TrainingLog) -> None:
+def encode_tokens(pipe, ids_1: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds [B, 77, D1 + D2], pooled [B, P]) with gradients, the way ``encode_prompt`` computes them:
+    each encoder's penultimate hidden states side by side, the pooled embedding from the second's projection."""
+    first = pipe.text_encoder(ids_1, output_hidden_states=True)
+    second = pipe.text_encoder_2(ids_2, output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second[0]
+
+
+def _check_encoding_matches_pipeline(pipe, captions: list[str]) -> None:
+    with torch.no_grad():
+        embeds, pooled = encode_tokens(pipe, *tokenize_captions(pipe, captions))
+        want_embeds, _, want_pooled, _ = pipe.encode_prompt(captions, device=torch.device("cpu"),
+                                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
+    if not (torch.allclose(embeds, want_embeds, atol=1e-5) and torch.allclose(pooled, want_pooled, atol=1e-5)):
+        raise RuntimeError("training's text encoding differs from StableDiffusionXLPipeline.encode_prompt")
+
+
+def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: TrainingConfig, record: TrainingLog,
+               checkpoint: pathlib.Path | None = None) -> None:
     from diffusers import DDPMScheduler
 
     unet = pipe.unet
     noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                    beta_schedule="scaled_linear", prediction_type="epsilon")
-    table = encode_captions(pipe, captions)
-    embeds = torch.stack([table[c][0] for c in captions])
-    pooled = torch.stack([table[c][1] for c in captions])
+    _check_encoding_matches_pipeline(pipe, captions[:4])
+    ids_1, ids_2 = tokenize_captions(pipe, captions)
+    text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
     time_ids = torch.tensor([[config.size, config.size, 0, 0, config.size, config.size]], dtype=torch.float32)
     generator = torch.Generator().manual_seed(config.seed + 2)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=1e-2)
-    unet.train()
+    groups = [{"params": list(unet.parameters()), "base_lr": config.unet_lr},
+              {"params": [p for encoder in text_encoders for p in encoder.parameters()],
+               "base_lr": config.text_encoder_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=config.unet_lr, weight_decay=1e-2)
+    trained = [p for group in groups for p in group["params"]]
+    for module in (unet, *text_encoders):
+        module.train()
+        module.requires_grad_(True)
     started = time.perf_counter()
     for step in range(config.unet_steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config.unet_lr, config.unet_warmup_steps, config.unet_steps)
+            group["lr"] = _lr_at(step, group["base_lr"], config.unet_warmup_steps, config.unet_steps)
         index = torch.randint(0, len(latents), (config.unet_batch,), generator=generator)
         clean = latents[index]
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (config.unet_batch,), generator=generator)
         noisy = noise_schedule.add_noise(clean, noise, timesteps)
         keep = (torch.rand(config.unet_batch, generator=generator) >= config.cfg_dropout).float()
-        prediction = unet(noisy, timesteps, encoder_hidden_states=embeds[index] * keep[:, None, None],
-                          added_cond_kwargs={"text_embeds": pooled[index] * keep[:, None],
+        embeds, pooled = encode_tokens(pipe, ids_1[index], ids_2[index])
+        prediction = unet(noisy, timesteps, encoder_hidden_states=embeds * keep[:, None, None],
+                          added_cond_kwargs={"text_embeds": pooled * keep[:, None],
                                              "time_ids": time_ids.expand(config.unet_batch, -1)}).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         record.unet_losses.append(float(loss.detach()))
         if step % config.log_every == 0 or step == config.unet_steps - 1:
@@ -192,7 +229,12 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: Trainin
             log.info("UNet step %d/%d: loss %.5f (%.0f s, about %.0f s left)", step + 1, config.unet_steps,
                      float(np.mean(record.unet_losses[-config.log_every:])), elapsed,
                      elapsed / (step + 1) * (config.unet_steps - step - 1))
-    unet.eval()
+        if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            pipe.save_pretrained(checkpoint, safe_serialization=True)
+            log.info("checkpoint after %d UNet steps written to %s", step + 1, checkpoint)
+    for module in (unet, *text_encoders):
+        module.eval()
+        module.requires_grad_(False)
     record.seconds["unet"] = time.perf_counter() - started
 
 
@@ -210,7 +252,7 @@ def train_tiny_model(out_dir, config: TrainingConfig = TrainingConfig()) -> path
 
     from .tiny_model import _sdxl_unet_config
 
-    write_tiny_sdxl(out, seed=config.seed)  # the architecture, tokenizers and the frozen text encoders
+    write_tiny_sdxl(out, seed=config.seed)  # the architecture, the tokenizers and the text encoders' start
     pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
     torch.manual_seed(config.seed)
     pipe.unet = UNet2DConditionModel(**{**_sdxl_unet_config(), **TRAINED_UNET})
@@ -225,7 +267,8 @@ def train_tiny_model(out_dir, config: TrainingConfig = TrainingConfig()) -> path
     pipe.vae.register_to_config(scaling_factor=record.scaling_factor)
     log.info("latent std %.4f: scaling factor %.5f", float(means.std()), record.scaling_factor)
     log.info("training the UNet: %d steps of %d", config.unet_steps, config.unet_batch)
-    train_unet(pipe, means * record.scaling_factor, [caption for _, caption in scenes], config, record)
+    train_unet(pipe, means * record.scaling_factor, [caption for _, caption in scenes], config, record,
+               out / "checkpoint")
     record.seconds["total"] = time.perf_counter() - started
     pipe.save_pretrained(out, safe_serialization=True)
     for weights in out.rglob("*.safetensors"):

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from ..core.denoise import GenerationCancelled
-from ..core.devices import resolve_device_kind
+from ..core.denoise import GenerationCancelled, GenerationRefused
+from ..core.devices import resolve_device_kind, torch_dtype
 from ..core.model import Conditioning, ModelInfo
 from ..core.modes import Mode
 from ..core.parallel import ParallelConfig
@@ -33,6 +33,10 @@ class TritonPythonModel:
     def initialize(self, args):
         self.settings = s = ServingSettings.from_model_config(args["model_config"])
         device_kind = resolve_device_kind(s.device)
+        try:
+            torch_dtype(s.dtype, torch.device(device_kind))
+        except ValueError as error:
+            raise ValueError(f"model config parameter 'dtype': {error}") from None
         if device_kind == "cuda" and torch.cuda.device_count() < s.ranks:
             raise RuntimeError(f"denoiser is configured for {s.ranks} ranks but {torch.cuda.device_count()} GPUs are visible")
         config = RankServiceConfig(
@@ -40,7 +44,7 @@ class TritonPythonModel:
             parallel=ParallelConfig(Mode(s.mode), s.warmup_steps, s.split_cfg),
             device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None,
             python=os.environ.get("DISTRIFUSION_PYTHON") or _python_beside(sys.executable),
-            rank_timeout_s=s.rank_timeout_s,
+            rank_timeout_s=s.rank_timeout_s, dtype=s.dtype,
             # every built size, shaped like a default request: no request pays a first call's costs
             warmup=warmup_requests(s.built_sizes, s.default_guidance, s.default_scheduler),
         )
@@ -126,11 +130,11 @@ class TritonPythonModel:
         # the denoiser directly must get 400, not kill a rank worker and restart the group
         given = {name: triton_io.tensor(request, name) for name in ("prompt_embeds", "text_embeds", "time_ids")}
         checked = validation.embeds(given, generation.guided, self.shapes)
-        device = self.service.device
-        embeds = torch.from_numpy(checked["prompt_embeds"]).to(device)
+        # host float32 tensors: the denoiser places them on each rank's device in its UNet's dtype
+        embeds = torch.from_numpy(checked["prompt_embeds"])
         added = None
         if self.sdxl:
-            added = {k: torch.from_numpy(checked[k]).to(device) for k in ("text_embeds", "time_ids")}
+            added = {k: torch.from_numpy(checked[k]) for k in ("text_embeds", "time_ids")}
         # the gateway marks a request whose client disconnected or cancelled; Triton tells only a gRPC
         # cancellation of a request sent to this model itself (is_cancelled)
         client_gone = signals.cancel_probe(request.parameters())
@@ -151,6 +155,8 @@ class TritonPythonModel:
 
         try:
             result = self.service.generate(generation, Conditioning(embeds, added), should_stop=should_stop)
+        except GenerationRefused as refused:  # every rank refused before the first step: the group is intact
+            raise validation.InputError(f"this deployment cannot run the request: {refused}") from None
         except GenerationCancelled as stopped:
             why = "cancelled by the client" if cancelled() else f"past its {self.settings.request_timeout_s:g} s timeout"
             pb_utils.Logger.log_warn(f"denoising request {why}: {stopped}")

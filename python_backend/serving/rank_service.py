@@ -26,10 +26,12 @@ import torch
 import torch.distributed as dist
 
 from ..core.defaults import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_SCHEDULER, DEFAULT_WIDTH
-from ..core.denoise import GenerationCancelled, GenerationRequest, GenerationResult, PatchParallelDenoiser
+from ..core.denoise import (GenerationCancelled, GenerationRefused, GenerationRequest, GenerationResult,
+                            PatchParallelDenoiser)
 from ..core.devices import set_cpu_threads
 from ..core.model import Conditioning
 from ..core.parallel import ParallelConfig
+from ..core.placement import check_transportable, for_transport
 from ..core.ranks import LocalRendezvous, RankGroup
 from ..engines.loader import load_denoiser
 from .signals import FAILED, READY, RESTARTING, STARTING
@@ -99,7 +101,9 @@ def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConf
             try:
                 denoiser.generate(request, parallel, cond=cond, stoppable=True)
             except GenerationCancelled:
-                pass  # rank 0 stopped it; every rank left at the same step boundary
+                log.info("generation stopped by rank 0 at a step boundary")  # every rank left at the same one
+            except GenerationRefused as refused:
+                log.warning("request refused before its first step: %s", refused)  # so did every rank
     finally:
         ranks.close()
 
@@ -227,7 +231,9 @@ class RankService:
              on_step=None, should_stop=None) -> GenerationResult:
         if self.workers:
             _signal(self.ranks, more=True)  # tiny: never blocks on a stuck worker
-            dist.broadcast_object_list([(request, parallel, cond)], src=0, group=self.ranks.control)
+            message = (request, parallel, for_transport(cond))  # host tensors: each rank places them itself
+            check_transportable(message)
+            dist.broadcast_object_list([message], src=0, group=self.ranks.control)
         return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop,
                                       stoppable=True)
 
@@ -239,8 +245,8 @@ class RankService:
         self.ensure_ready()
         try:
             return self._run(request, parallel, cond, on_step, should_stop)
-        except GenerationCancelled:
-            raise  # the group is intact: every rank stopped at the same step
+        except (GenerationCancelled, GenerationRefused):
+            raise  # the group is intact: every rank stopped at the same step, or refused before the first
         except Exception as error:
             if not self.workers:
                 raise

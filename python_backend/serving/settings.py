@@ -24,9 +24,10 @@ class ServingSettings:
     engine: str = "torch"
     engine_dir: str = ""
     device: str = "auto"
+    dtype: str = "auto"  # the UNet's dtype on every rank: auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16
     sizes: str = f"{defaults.DEFAULT_HEIGHT}x{defaults.DEFAULT_WIDTH}"  # the built sizes, "HxW,HxW"
     default_steps: int = defaults.DEFAULT_STEPS
-    default_guidance: float = defaults.DEFAULT_GUIDANCE
+    default_guidance: float = defaults.DEFAULT_GUIDANCE  # with engines, also the build's batch: guided if > 1
     default_scheduler: str = defaults.DEFAULT_SCHEDULER
     default_seed: int = defaults.DEFAULT_SEED
     default_height: int = defaults.DEFAULT_HEIGHT

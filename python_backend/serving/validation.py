@@ -42,6 +42,15 @@ def guidance(value: float | None, settings: ServingSettings) -> float:
     value = settings.default_guidance if value is None else float(value)
     if not (math.isfinite(value) and settings.min_guidance <= value <= settings.max_guidance):
         raise InputError(f"input 'guidance_scale' is {value}; allowed: {settings.min_guidance} to {settings.max_guidance}")
+    if settings.engine != "torch":
+        # segment engines are built for one UNet batch: guided (both CFG halves) or not
+        built_guided = settings.default_guidance > 1
+        if built_guided and value <= 1:
+            raise InputError(f"input 'guidance_scale' is {value}; allowed: above 1 up to {settings.max_guidance} "
+                             "(this deployment's engines were built for guided generation, the CFG batch)")
+        if not built_guided and value > 1:
+            raise InputError(f"input 'guidance_scale' is {value}; allowed: {settings.min_guidance} to 1 "
+                             "(this deployment's engines were built for unguided generation)")
     return value
 
 
