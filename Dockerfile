@@ -1,8 +1,8 @@
 # DistriFusion on Triton for GPU hosts: the NGC Triton image with this project installed into its Python,
-# the one the image's Python backend stub embeds. 24.12 (Triton 2.53) is the first release on Python 3.12;
-# 24.10/24.11 (Triton 2.51/2.52) have Python 3.10, which the pinned transformers/diffusers do not support.
-# Triton 2.53 speaks the same v2 HTTP/gRPC protocol as the pinned tritonclient 2.51.
-FROM nvcr.io/nvidia/tritonserver:24.12-py3
+# the one the image's Python backend stub embeds. 25.10 is on CUDA 13.0 and Python 3.12: the CUDA of torch
+# 2.13's default wheel and of tensorrt-cu13 (one CUDA major for all three; docs/gpu.md). Needs NVIDIA driver
+# >= 580 on the host. The server speaks the same v2 HTTP/gRPC protocol as the pinned tritonclient 2.51.
+FROM nvcr.io/nvidia/tritonserver:25.10-py3
 
 # curl for the compose healthcheck
 RUN apt-get update \

@@ -6,6 +6,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REQUIRE_GPU = os.environ.get("REQUIRE_GPU") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With REQUIRE_GPU=1 (scripts/run_gpu_tests.sh) a skipped GPU test is a failure: a GPU run whose
+    tests all skipped must not read as a pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_GPU and report.skipped and item.get_closest_marker("gpu") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"REQUIRE_GPU=1 and this GPU test was skipped: {reason}"
+
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):

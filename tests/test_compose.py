@@ -90,7 +90,7 @@ def test_engines_are_built_before_serving(services):
     assert triton["depends_on"]["build"]["condition"] == "service_completed_successfully"
     build = services["build"]
     command = _command(build)
-    for part in ("distrifusion build", "--recipe ${RECIPE:-build/sdxl-1024-8gpu.toml}", "--model /models/sdxl", "--backend tensorrt", "--repository /repository"):
+    for part in ("distrifusion build", "--recipe \"${RECIPE:-build/sdxl-1024-8gpu.toml}\"", "--model /models/sdxl", "--backend tensorrt", "--repository /repository"):
         assert part in command
     assert {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]} in _gpu_devices(build)
     assert (REPO / "build" / "sdxl-1024-8gpu.toml").is_file()  # the default recipe ships in the image
@@ -126,6 +126,28 @@ def test_base_image_python_can_install_the_project():
     from_line = next(line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
     year, month = re.search(r"tritonserver:(\d\d)\.(\d\d)-py3", from_line).groups()
     assert (int(year), int(month)) >= (24, 12), from_line
+
+
+def test_image_torch_and_tensorrt_share_one_cuda_major():
+    """torch 2.13's default wheel is CUDA 13.0; the image from 25.08 on is CUDA 13; the TensorRT wheel names
+    its CUDA. The doctor checks the same combination on the host."""
+    import tomllib
+
+    from python_backend.cli.doctor import SUPPORTED_CUDA_MAJOR, SUPPORTED_TENSORRT, TRITON_IMAGE
+
+    from_line = next(line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("FROM "))
+    assert from_line.split()[1] == TRITON_IMAGE
+    year, month = re.search(r"tritonserver:(\d\d)\.(\d\d)-py3", from_line).groups()
+    assert (int(year), int(month)) >= (25, 8)  # the first CUDA 13 release
+    gpu = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    tensorrt = next(d for d in gpu if d.startswith("tensorrt"))
+    assert tensorrt.startswith(f"tensorrt-cu{SUPPORTED_CUDA_MAJOR}=={SUPPORTED_TENSORRT}."), tensorrt
+
+
+def test_the_build_service_runs_the_doctor_first(services):
+    command = _command(services["build"])
+    assert command.index("distrifusion doctor") < command.index("distrifusion build")
+    assert "&&" in command  # a failing doctor stops the build
 
 
 def test_every_image_is_pinned(services):

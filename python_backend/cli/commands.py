@@ -111,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"the most steps a served request may ask for (default {defaults.MAX_STEPS})")
     bld.set_defaults(handler=_build)
 
+    doc = commands.add_parser("doctor", help="check this host for the GPU path: driver, GPUs, torch CUDA, "
+                                             "TensorRT, NCCL, Triton; exit 1 with what to change")
+    doc.add_argument("--ranks", type=int, default=1, help="GPUs the deployment needs")
+    doc.add_argument("--no-engines", action="store_true", help="the eager path only: TensorRT not required")
+    doc.set_defaults(handler=_doctor)
+
     from ..serving.client_commands import add_client_commands
     from ..serving.server import add_serve_command
 
@@ -118,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     add_client_commands(commands)
     parser.subcommand_parsers = {"build": bld}  # apply_recipe sets a recipe's values as its defaults
     return parser
+
+
+def _doctor(args) -> int:
+    from .doctor import doctor
+
+    return doctor(args)
 
 
 def _tiny_model(args) -> int:
