@@ -9,11 +9,12 @@ or modes; it only records, for inspection, when each collective was started and 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .wait_clock import WaitClock
 
 
 @dataclass
@@ -46,14 +47,19 @@ class BufferExchange:
     events: list[ExchangeEvent] = field(default_factory=list)
     _latest: dict[str, _Gather] = field(default_factory=dict)
     _queued: list = field(default_factory=list)  # (key, tensor, shapes) waiting for flush()
-    wait_seconds: float = 0.0  # time spent blocked in collectives (blocking gathers and waits)
+    clock: WaitClock = field(default_factory=WaitClock)  # time held up by collectives (blocking gathers, waits)
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time this rank was held up by collectives: on the host (gloo), on the device's stream (NCCL)."""
+        return self.clock.seconds
 
     def gather(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Blocking all-gather; the result becomes the latest for ``key``."""
         self._retire(key)
-        started = time.perf_counter()
+        started = self.clock.begin(tensor.device)
         pending = self._launch(tensor, shapes, async_op=False)
-        self.wait_seconds += time.perf_counter() - started
+        self.clock.end(started)
         self._log(key, "blocking", self.step, tensor)
         self._latest[key] = pending
         return self._complete(pending)
@@ -114,7 +120,7 @@ class BufferExchange:
         self._latest.clear()
         self._queued.clear()
         self.events.clear()
-        self.wait_seconds = 0.0
+        self.clock.reset()
         self.step = 0
 
     # --- internals ---
@@ -144,9 +150,9 @@ class BufferExchange:
             ]
         if pending.result is None:
             if pending.work is not None:
-                started = time.perf_counter()
+                started = self.clock.begin(pending.buffers[0].device)
                 pending.work.wait()
-                self.wait_seconds += time.perf_counter() - started
+                self.clock.end(started)
                 pending.work = None
             pending.result = [
                 buf[: math.prod(shape)].view(shape) for buf, shape in zip(pending.buffers, pending.shapes)
