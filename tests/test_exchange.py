@@ -125,3 +125,21 @@ def test_single_rank_needs_no_process_group():
     assert torch.equal(got, t)
     assert exchange.latest("missing") is None
     _check_reads([_follow_a_buffer(exchange, 0, 1, _shapes(1))], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_every_key_of_a_bundle_starts_256_byte_aligned(dtype):
+    """TensorRT takes the stale inputs as views into the gathered bundle: each must start aligned."""
+    exchange = BufferExchange(None, 0, 1)
+    sizes = [(1, 3), (2, 5, 7), (1,), (4, 33), (3, 3, 3)]  # odd element counts, as in the tiny build
+    for i, shape in enumerate(sizes):
+        exchange.start(f"k{i}", torch.full(shape, float(i), dtype=dtype), [shape])
+    exchange.start("moments", torch.ones(2, 1, 8), [(2, 1, 8)])  # float32 moments travel in their own bundle
+    exchange.flush()
+    for i, shape in enumerate([*sizes, (2, 1, 8)]):
+        key = f"k{i}" if i < len(sizes) else "moments"
+        (view,) = exchange.latest(key)
+        assert view.shape == shape
+        assert view.storage_offset() * view.element_size() % 256 == 0, (key, view.storage_offset())
+        if key != "moments":
+            assert torch.all(view == i)

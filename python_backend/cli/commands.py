@@ -264,7 +264,8 @@ def _generate(args) -> int:
         log.info("full_sync: every step is synchronous and runs in torch; no engines are needed")
         args.engine = "torch"
     if args.engine != "torch":
-        engine_dir = str(_build_engines(_build_request(args, args.engine, None), args.engine_dir))
+        precision = {"float16": "fp16", "float32": "fp32"}.get(args.dtype)  # engines in the UNet's precision
+        engine_dir = str(_build_engines(_build_request(args, args.engine, precision), args.engine_dir))
     job = GenerationJob(model=str(args.model), runs=[(request, parallel)], dtype=args.dtype, engine=args.engine,
                         engine_dir=engine_dir)
     (output,) = run_on_ranks(args.ranks, run_generation_job, (job,), device_kind, args.threads)

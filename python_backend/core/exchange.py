@@ -16,6 +16,16 @@ import torch.distributed as dist
 
 from .wait_clock import WaitClock
 
+SLOT_ALIGNMENT_BYTES = 256
+"""Where each key starts inside a bundle: TensorRT requires 256-byte aligned tensor addresses, and the
+stale inputs of an engine are views into the gathered bundles."""
+
+
+def aligned_length(numel: int, element_size: int) -> int:
+    """``numel`` rounded up so that the next slot of a bundle starts on a SLOT_ALIGNMENT_BYTES boundary."""
+    step = max(1, SLOT_ALIGNMENT_BYTES // element_size)
+    return -(-numel // step) * step
+
 
 @dataclass
 class ExchangeEvent:
@@ -79,14 +89,15 @@ class BufferExchange:
             self._start_bundle(items)
 
     def _start_bundle(self, items: list[tuple[str, torch.Tensor, list[tuple[int, ...]]]]) -> None:
-        # Each key is padded to its largest per-rank size, so every rank's bundle has the same length;
-        # latest(key) unpacks a key from it exactly as if it had travelled alone.
+        # Each key is padded to its largest per-rank size (rounded up to the slot alignment), so every
+        # rank's bundle has the same length and every key starts aligned; latest(key) unpacks a key from
+        # it exactly as if it had travelled alone.
         for dtype in dict.fromkeys(t.dtype for _, t, _ in items):
             group = [(k, t, [tuple(s) for s in shapes]) for k, t, shapes in items if t.dtype == dtype]
             pieces, offsets, offset = [], [], 0
             for key, tensor, shapes in group:
                 self._retire(key)
-                longest = max(math.prod(s) for s in shapes)
+                longest = aligned_length(max(math.prod(s) for s in shapes), tensor.element_size())
                 flat = tensor.reshape(-1)
                 pieces.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]) if flat.numel() < longest else flat)
                 offsets.append(offset)

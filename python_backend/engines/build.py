@@ -28,6 +28,9 @@ log = logging.getLogger("distrifusion.build")
 DEFAULT_OUT = Path("build/out/engines")
 
 
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # --precision -> the graphs' dtype
+
+
 @dataclass(frozen=True)
 class BuildRequest:
     model: str
@@ -107,7 +110,9 @@ def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, p
 
     from .export import ExportSpec, SegmentExporter
 
-    pipe = load_pipeline(request.model, torch.device("cpu"), torch.float32)
+    # the graphs are exported in the engine precision (fp16 weights and I/O; GroupNorm moments stay float32
+    # inside, see patch_math), so that TensorRT builds them strongly typed
+    pipe = load_pipeline(request.model, torch.device("cpu"), EXPORT_DTYPES[request.precision])
     exporter = SegmentExporter(pipe, tuple(fields["units"]), Mode(request.mode), request.cut)
     patches = len(fields["units"])
     per_rank = len(exporter.segments) + 1
@@ -123,8 +128,7 @@ def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, p
 
             bar.set_description("compiling TensorRT engines")
             for onnx_file in sorted(rank_dir.glob("*.onnx")):
-                build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), request.precision == "fp16",
-                                      folder / "timing.cache")
+                build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), folder / "timing.cache")
                 bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started

@@ -97,20 +97,23 @@ def graph_mode(mode: Mode, patches: int) -> Mode:
 
 
 def example_inputs(pipe, spec: ExportSpec) -> tuple[dict, dict]:
-    """Example tensors for the time embedding and for the segments (values do not matter)."""
+    """Example tensors for the time embedding and for the segments (values do not matter), in the UNet's
+    dtype: the graphs' inputs and outputs are in the engine precision. The timestep stays float32 (its
+    sinusoidal projection is computed in float32, then cast, as diffusers does)."""
     unet = pipe.unet
+    dtype = unet.dtype
     generator = torch.Generator().manual_seed(0)
     vae_scale = pipe.vae_scale_factor
     sample = torch.randn(spec.batch, unet.config.in_channels, spec.height // vae_scale, spec.width // vae_scale,
-                         generator=generator)
+                         generator=generator).to(dtype)
     text_dim = unet.config.cross_attention_dim
-    text = torch.randn(spec.batch, pipe.tokenizer.model_max_length, text_dim, generator=generator)
+    text = torch.randn(spec.batch, pipe.tokenizer.model_max_length, text_dim, generator=generator).to(dtype)
     embed = {"timestep": torch.full((spec.batch,), 500.0)}
     if unet.config.addition_embed_type == "text_time":
         pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
-        embed["text_embeds"] = torch.randn(spec.batch, pooled, generator=generator)
+        embed["text_embeds"] = torch.randn(spec.batch, pooled, generator=generator).to(dtype)
         embed["time_ids"] = torch.tensor([[spec.height, spec.width, 0, 0, spec.height, spec.width]] * spec.batch,
-                                         dtype=torch.float32)
+                                         dtype=dtype)
     return embed, {"sample": sample, "text": text}
 
 

@@ -25,9 +25,11 @@ class OnnxRuntimeRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_dtypes = {i.name: _ONNX_TYPES[i.type] for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        arrays = {name: _graph_dtype(feeds[name]).detach().cpu().contiguous().numpy() for name in self.input_names}
+        arrays = {name: feeds[name].detach().to("cpu", self.input_dtypes[name]).contiguous().numpy()
+                  for name in self.input_names}
         outputs = self.session.run(self.output_names, arrays)
         return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outputs)}
 
@@ -46,9 +48,12 @@ class TensorRTRunner:
         import tensorrt as trt
 
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        torch_types = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                       trt.int32: torch.int32, trt.int64: torch.int64}
+        self.input_dtypes = {n: torch_types[engine.get_tensor_dtype(n)] for n in self.input_names}
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        inputs = {name: _graph_dtype(feeds[name]).contiguous() for name in self.input_names}
+        inputs = {name: feeds[name].to(self.input_dtypes[name]).contiguous() for name in self.input_names}
         # torch CUDA tensors in, torch CUDA tensors out: no host round trip per step.
         return self.runner.infer(inputs, copy_outputs_to_host=False)
 
@@ -56,18 +61,21 @@ class TensorRTRunner:
         self.runner.deactivate()
 
 
-def _graph_dtype(tensor: torch.Tensor) -> torch.Tensor:
-    """Graphs are exported in float32 (TensorRT lowers to fp16 inside); half inputs are widened."""
-    return tensor.float() if tensor.is_floating_point() else tensor
+# Each graph input's dtype, as ONNX Runtime names it: feeds are cast to what the graph declares.
+_ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
 
 
-def build_tensorrt_engine(onnx_path: Path, engine_path: Path, fp16: bool, timing_cache: Path) -> None:
-    """Compiles one ONNX graph for the GPU in use (static shapes), sharing a timing cache."""
+def build_tensorrt_engine(onnx_path: Path, engine_path: Path, timing_cache: Path) -> None:
+    """Compiles one ONNX graph for the GPU in use (static shapes), strongly typed: the graph's own types
+    decide every layer's precision (fp16 graphs keep their float32 casts around the GroupNorm moments),
+    not the builder's FP16 flag, which TensorRT 10.12 deprecated and 11 removed."""
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
 
-    config = CreateConfig(fp16=fp16, load_timing_cache=str(timing_cache) if timing_cache.exists() else None)
+    config = CreateConfig(load_timing_cache=str(timing_cache) if timing_cache.exists() else None)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     build = SaveEngine(
-        EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config, save_timing_cache=str(timing_cache)),
+        EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache)),
         path=str(engine_path),
     )
     build()
