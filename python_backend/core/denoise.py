@@ -106,14 +106,14 @@ class PatchParallelDenoiser:
         """
         pipe, device = self.pipe, self.ranks.device
         parallel = parallel or self.parallel
+        placement = Placement.of_unet(pipe.unet, device)
         problem = None
         try:  # everything a rank can refuse, before the first collective
-            plan, engine, cond = self._prepare(request, parallel, cond)
+            plan, engine, cond = self._prepare(request, parallel, cond, placement)
         except Exception as error:
             problem = error
         self._agree_prepared(problem)
         outputs = _OutputGather(self.ranks, plan, self.context.layout)
-        placement = Placement.of_unet(pipe.unet, device)
         # diffusers' prepare_latents and prepare_extra_step_kwargs read pipe.scheduler.
         pipe.scheduler = scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
         scheduler.set_timesteps(request.steps, device=device)
@@ -161,7 +161,8 @@ class PatchParallelDenoiser:
         return result
 
 
-    def _prepare(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None):
+    def _prepare(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None,
+                 placement: Placement):
         """This rank's plan, engine (or None) and placed conditioning for ``request``."""
         self.context.mode, self.context.warmup_steps = parallel.mode, parallel.warmup_steps
         plan = self.ranks.plan(request.guided, parallel.split_cfg)
@@ -174,7 +175,7 @@ class PatchParallelDenoiser:
                 self.pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
                 request.height, request.width,
             )
-        cond = for_unet(cond, Placement.of_unet(self.pipe.unet, self.ranks.device))
+        cond = for_unet(cond, placement)
         if plan.branch is not None:
             cond = cond.half(plan.branch)
         return plan, engine, cond
