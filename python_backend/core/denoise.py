@@ -171,6 +171,8 @@ class PatchParallelDenoiser:
         self.context.exchange = self.exchange_class(plan.group, plan.index, plan.size)
         engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
         if cond is None:
+            if getattr(self.pipe, "text_encoder", None) is None:
+                raise ValueError("this rank loaded the UNet only: the generation must bring its conditioning")
             cond = encode_prompt(
                 self.pipe, request.prompt, request.negative_prompt, request.num_images, request.guided,
                 request.height, request.width,

@@ -62,13 +62,26 @@ class ModelInfo:
         )
 
 
-def load_pipeline(path: str | os.PathLike, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Loads the folder's diffusers pipeline from local files only."""
+UNET_ONLY_SKIPS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "safety_checker",
+                   "feature_extractor", "image_encoder")
+"""What a rank that is handed its conditioning does not load (``load_pipeline(unet_only=True)``)."""
+
+
+def load_pipeline(path: str | os.PathLike, device: torch.device, dtype: torch.dtype = torch.float32,
+                  unet_only: bool = False):
+    """Loads the folder's diffusers pipeline from local files only. ``unet_only``: the UNet and the
+    scheduler, without text encoders or VAE (a served rank: the text encoder and VAE models run those)."""
     from diffusers import DiffusionPipeline
 
     info = ModelInfo.read(path)
-    log.info("loading %s pipeline from %s onto %s (%s)", info.family, info.path, device, dtype)
-    pipe = DiffusionPipeline.from_pretrained(str(info.path), dtype=dtype, local_files_only=True)
+    skipped = {}
+    if unet_only:
+        present = json.loads((info.path / "model_index.json").read_text())
+        skipped = {name: None for name in UNET_ONLY_SKIPS if name in present}
+    log.info("loading %s pipeline%s from %s onto %s (%s)", info.family, " (UNet only)" if unet_only else "",
+             info.path, device, dtype)
+    pipe = DiffusionPipeline.from_pretrained(str(info.path), dtype=dtype, local_files_only=True, **skipped)
+    pipe.vae_scale_factor = info.vae_scale  # also without the VAE (diffusers would assume 8)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

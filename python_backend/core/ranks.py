@@ -19,6 +19,7 @@ import os
 import pickle
 import shutil
 import socket
+import sys
 import tempfile
 from datetime import timedelta
 from dataclasses import dataclass, field
@@ -143,6 +144,13 @@ class RankGroup:
                              branch=branch)
         return PatchPlan(group=dist.group.WORLD, size=self.world_size, index=self.rank, branch=None)
 
+    def leave(self) -> None:
+        """The orderly end of a group: every rank waits here for the others before any tears its process
+        group down, so that no rank destroys a connection another still reads (gloo aborts a process,
+        "terminate called without an active exception", when a peer vanishes under a pending operation)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier(group=self.control)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -167,8 +175,20 @@ def _rank_main(rank, world_size, rendezvous, device_kind, threads, job, args, re
             # Plain pickle copies tensors inline; the queue's own pickler would pass shared memory
             # that disappears with this process.
             results.put(pickle.dumps(result))
+        group.leave()
     finally:
         group.close()
+    exit_now()
+
+
+def exit_now() -> None:
+    """Ends a rank's process without interpreter finalisation: torch's, gloo's and the tokenizers' native
+    threads are torn down by destructors at exit, which hung the process for seconds (and, in the rank
+    jobs, once aborted it: "terminate called without an active exception"). Nothing is left to clean up."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(world_size: int, job, args: tuple = (), device_kind: str = "cpu", threads: int | None = None):

@@ -15,9 +15,12 @@ ENGINE_BACKENDS = ("torch", "onnxruntime", "tensorrt")  # torch: the eager core 
 
 
 def load_denoiser(model: str, ranks: RankGroup, parallel: ParallelConfig, dtype: str = "auto",
-                  engine: str = "torch", engine_dir: str | None = None) -> PatchParallelDenoiser:
+                  engine: str = "torch", engine_dir: str | None = None,
+                  unet_only: bool = False) -> PatchParallelDenoiser:
+    """``unet_only``: every generation brings its conditioning (the served ranks), so no text encoder or
+    VAE is loaded."""
     if engine not in ENGINE_BACKENDS:
         raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINE_BACKENDS)}")
-    pipe = load_pipeline(model, ranks.device, torch_dtype(dtype, ranks.device))
+    pipe = load_pipeline(model, ranks.device, torch_dtype(dtype, ranks.device), unet_only=unet_only)
     engines = None if engine == "torch" else EngineSet(engine_dir, engine)
     return PatchParallelDenoiser(pipe, ranks, parallel, engines)

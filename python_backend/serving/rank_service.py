@@ -1,14 +1,17 @@
 """A long-lived rank group that serves generations one at a time (what the Triton denoiser runs).
 
-Rank 0 lives in the calling process (the Triton model instance); ranks 1..N-1 are worker processes
-it starts, one per device. Each request is broadcast to every rank over gloo control groups, all
-ranks generate together, and rank 0 returns the result. ``close`` tells the workers to leave and
-makes sure they are gone. Nothing here knows about Triton.
+Every rank is a worker process (one per device) that the service, in the calling process (the
+Triton model instance), starts and supervises; the service holds no rank. It hands each request to
+rank 0 over a pipe; rank 0 broadcasts it to the other ranks over gloo control groups, all ranks
+generate together, rank 0 reports every step and sends back the result. A rank that dies, hangs (a
+peer stuck in NCCL, a device synchronise) or fails mid-generation costs the request it was serving:
+the service replaces the group, and the process serving Triton never blocks in a collective.
+``close`` tells the ranks to leave and makes sure they are gone. Nothing here knows about Triton.
 
 Starting (and restarting) the group is not done until every rank has loaded its model and the whole
 group has run the warm-up generations: every first-call cost (loading, allocation, kernel selection
 for a shape) is paid there, never by a request. Each worker reports over a pipe of its own when it
-is about to join the process group and when its model is loaded (or why it could not), so rank 0
+is about to join the process group and when its model is loaded (or why it could not), so the service
 waits for slow process starts and model loads with ``start_timeout_s`` and sees a worker that dies
 meanwhile at once, while ``rank_timeout_s`` stays the bound of every collective of a request.
 """
@@ -32,7 +35,7 @@ from ..core.devices import set_cpu_threads
 from ..core.model import Conditioning
 from ..core.parallel import ParallelConfig
 from ..core.placement import check_transportable, for_transport
-from ..core.ranks import LocalRendezvous, RankGroup
+from ..core.ranks import LocalRendezvous, RankGroup, exit_now
 from ..engines.loader import load_denoiser
 from .signals import FAILED, READY, RESTARTING, STARTING
 
@@ -50,6 +53,9 @@ class RankServiceConfig:
     dtype: str = "auto"
     threads: int | None = None  # CPU threads per rank (default: cores / ranks)
     python: str | None = None  # interpreter for worker processes (default: this one)
+    # Served ranks load the UNet only: every request brings its conditioning (the text encoder model's).
+    # True: every rank also loads the text encoders, so that a request may come without (tests).
+    text_encoders: bool = False
     rank_timeout_s: float = 60.0  # longest any collective may wait for another rank (a dead or hung rank)
     start_timeout_s: float = 600.0  # longest a worker may take to start and load its model
     # Generations the whole group runs before it takes requests (on every start and restart), so that
@@ -66,6 +72,21 @@ def warmup_requests(sizes=((DEFAULT_HEIGHT, DEFAULT_WIDTH),), guidance: float = 
                  for h, w in sizes)
 
 
+def warmup_conditioning(model: str, request: GenerationRequest) -> Conditioning:
+    """Zero text conditioning shaped like the text encoder model's for ``request`` (the ranks load no text
+    encoder; a warm-up needs shapes, not meaning)."""
+    from .validation import TensorShapes
+
+    shapes = TensorShapes.read(model)
+    batch = 2 if request.guided else 1
+    embeds = torch.zeros(batch, shapes.tokens, shapes.embed_dim)
+    if shapes.time_ids_dim == 1:  # SD 1.x/2.x: no added conditioning
+        return Conditioning(embeds, None)
+    time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]] * batch,
+                            dtype=torch.float32)
+    return Conditioning(embeds, {"text_embeds": torch.zeros(batch, shapes.text_embeds_dim), "time_ids": time_ids})
+
+
 class RankGroupFailed(RuntimeError):
     """A rank died or hung during a request; the group was restarted and the request may be retried."""
 
@@ -73,39 +94,108 @@ class RankGroupFailed(RuntimeError):
 def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
     if config.device_kind == "cpu":
         set_cpu_threads(config.world_size, config.threads)
-    return load_denoiser(config.model, ranks, config.parallel, config.dtype, config.engine, config.engine_dir)
+    return load_denoiser(config.model, ranks, config.parallel, config.dtype, config.engine, config.engine_dir,
+                         unet_only=not config.text_encoders)
 
 
-JOINING, LOADED = "joining", "loaded"  # what a worker reports to rank 0 while it starts
+JOINING, LOADED = "joining", "loaded"  # what a worker reports to the service while it starts
+LEAVE = ("leave",)  # the service tells rank 0 to end the group
+GO, STOP = ("go",), ("stop",)  # the service's verdict on every step rank 0 reports: go on, or stop here
 
 
-def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConfig, report) -> None:
-    logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
+def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConfig, report, requests=None) -> None:
+    """One rank of the group, in its own process. Rank 0 also takes the service's requests over
+    ``requests`` (a duplex pipe) and answers each with one of ("done", result), ("cancelled", why),
+    ("refused", why) or ("failed", traceback), sending ("step", i, synchronous) after every step."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"rank {rank}: %(message)s")
     try:
         report.send(JOINING)
-        ranks = RankGroup.join(rank, config.world_size, rendezvous, config.device_kind,
-                               config.rank_timeout_s)
+        if config.world_size == 1:
+            ranks = RankGroup.single("cuda" if config.device_kind == "cuda" else "cpu")
+        else:
+            ranks = RankGroup.join(rank, config.world_size, rendezvous, config.device_kind, config.rank_timeout_s)
         denoiser = _load(config, ranks)
+        log.info("model loaded on %s: %s", ranks.device, memory_in_use(ranks.device))
     except BaseException:
         report.send(traceback.format_exc())
         raise
     report.send(LOADED)
     report.close()
     try:
-        while True:
-            if not _next_request_signalled(ranks):
-                break
-            message = [None]
-            dist.broadcast_object_list(message, src=0, group=ranks.control)
-            request, parallel, cond = message[0]
-            try:
-                denoiser.generate(request, parallel, cond=cond, stoppable=True)
-            except GenerationCancelled:
-                log.info("generation stopped by rank 0 at a step boundary")  # every rank left at the same one
-            except GenerationRefused as refused:
-                log.warning("request refused before its first step: %s", refused)  # so did every rank
+        if rank == 0:
+            _serve_requests(ranks, denoiser, requests)
+        else:
+            _follow_rank0(ranks, denoiser)
+        ranks.leave()  # every rank reached the end: no collective is torn down under another rank
     finally:
         ranks.close()
+    exit_now()
+
+
+
+def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, requests) -> None:
+    many = ranks.world_size > 1
+    while True:
+        try:
+            message = requests.recv()
+        except EOFError:  # the service is gone: end the group
+            message = LEAVE
+        if message == LEAVE:
+            if many:
+                _signal(ranks, more=False)
+            return
+        if message in (GO, STOP):  # the verdict on a generation's last step, which nobody asked for
+            continue
+        _, request, parallel, cond = message
+        if many:
+            _signal(ranks, more=True)  # tiny: never blocks on a stuck worker
+            dist.broadcast_object_list([message], src=0, group=ranks.control)
+
+        def stop_asked() -> bool:  # the service's verdict on the step just reported
+            try:
+                return requests.recv() == STOP
+            except EOFError:
+                return True
+
+        try:
+            result = denoiser.generate(request, parallel, cond=cond, stoppable=True, should_stop=stop_asked,
+                                       on_step=lambda i, synchronous: requests.send(("step", i, synchronous)))
+        except GenerationCancelled as stopped:
+            requests.send(("cancelled", str(stopped)))
+            continue
+        except GenerationRefused as refused:
+            requests.send(("refused", str(refused)))
+            continue
+        except Exception:
+            requests.send(("failed", traceback.format_exc()))
+            raise  # a failure mid-generation may leave peers inside a collective: the group is replaced
+        requests.send(("done", GenerationResult(latents=result.latents.float().cpu(), unet_seconds=result.unet_seconds,
+                                                wait_seconds=result.wait_seconds)))
+
+
+def _follow_rank0(ranks: RankGroup, denoiser: PatchParallelDenoiser) -> None:
+    while _next_request_signalled(ranks):
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=ranks.control)
+        _, request, parallel, cond = message[0]
+        try:
+            denoiser.generate(request, parallel, cond=cond, stoppable=True)
+        except GenerationCancelled:
+            log.info("generation stopped by rank 0 at a step boundary")  # every rank left at the same one
+        except GenerationRefused as refused:
+            log.warning("request refused before its first step: %s", refused)  # so did every rank
+
+
+def memory_in_use(device: torch.device) -> str:
+    """This process's memory after loading, for the log (docs/gpu.md lists it per rank)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.memory_allocated(device) / 2**20:.0f} MiB allocated on the GPU"
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(line.split()[1] for line in f if line.startswith("VmRSS:"))
+        return f"{int(rss) / 1024:.0f} MiB resident"
+    except (OSError, StopIteration):
+        return "memory unknown"
 
 
 def _next_request_signalled(ranks: RankGroup) -> bool:
@@ -120,14 +210,18 @@ def _signal(ranks: RankGroup, more: bool) -> None:
 
 
 class RankService:
+    """The group's supervisor, in the calling process (the Triton model instance): it holds no rank.
+    Every rank, rank 0 included, is a worker process, so that a rank blocked in a device synchronise or
+    torn down by NCCL's watchdog costs the request it was serving, never the process serving Triton."""
+
     def __init__(self, config: RankServiceConfig, on_state=None):
         """``on_state(state, reason, worker_pids)``: told when the group is starting, ready, restarting or
         failed (``signals.STARTING`` ...), e.g. to publish it for the server's readiness."""
         self.config = config
         self.on_state = on_state or (lambda state, reason, workers: None)
         self.workers: list[multiprocessing.Process] = []
-        self.denoiser = None
-        self.ranks = RankGroup.single()
+        self._rank0 = None  # the service's end of rank 0's request pipe
+        self._rendezvous = None
         self.restarts = 0
         self.last_start_s = 0.0  # how long the last (re)start took, warm-up included
         self._group_ok = False  # False after a start that failed: the next request restarts the group
@@ -144,36 +238,24 @@ class RankService:
         self.on_state(READY, "", self.worker_pids)
 
     def _start_group(self) -> None:
-        """Starts the workers, joins the group, loads rank 0's model (once) and waits until every rank
-        has loaded its own; then the group runs the warm-up generations. Undone if any of it fails."""
-        config = self.config
+        """Starts every rank's process and waits until each has joined the group and loaded its model;
+        then the group runs the warm-up generations. Undone if any of it fails."""
         started, reports = time.perf_counter(), []
         try:
-            if config.world_size == 1:
-                self.ranks = RankGroup.single("cuda" if config.device_kind == "cuda" else "cpu")
-            else:
-                reports = self._start_workers()
-                self._await_workers(reports, JOINING)  # process start and imports: not bounded by rank_timeout_s
-                self.ranks = RankGroup.join(0, config.world_size, self._rendezvous, config.device_kind,
-                                            config.rank_timeout_s)
-            if self.denoiser is None:
-                self.denoiser = _load(config, self.ranks)
-            else:  # a restart: rank 0 keeps its loaded model and joins the new group
-                self.denoiser.rejoin(self.ranks)
-            if self.workers:
-                self._await_workers(reports, LOADED)  # the workers load while rank 0 does
+            reports = self._start_workers()
+            self._await_workers(reports, JOINING)  # process start and imports: not bounded by rank_timeout_s
+            self._await_workers(reports, LOADED)
             loaded = time.perf_counter()
             self._warm_up()
         except BaseException:
             self._stop_workers(kill=True)
-            self.ranks.close()
             raise
         finally:
             for report in reports:
                 report.close()
         self._group_ok = True
         self.last_start_s = time.perf_counter() - started
-        log.info("rank group of %d ready to serve: started in %.1f s (warm-up %.1f s)", config.world_size,
+        log.info("rank group of %d ready to serve: started in %.1f s (warm-up %.1f s)", self.config.world_size,
                  self.last_start_s, time.perf_counter() - loaded)
 
     def _start_workers(self) -> list:
@@ -181,15 +263,20 @@ class RankService:
         context = multiprocessing.get_context("spawn")
         if config.python:
             context.set_executable(config.python)
-        self._rendezvous = LocalRendezvous.create()  # removed by rank 0's ranks.close()
-        log.info("starting %d rank worker process(es) for a group of %d", config.world_size - 1, config.world_size)
+        self._rendezvous = rendezvous = LocalRendezvous.create()  # removed with the group (_stop_workers)
+        log.info("starting %d rank process(es)", config.world_size)
         self.workers, reports = [], []
-        for rank in range(1, config.world_size):
+        for rank in range(config.world_size):
             receive, send = context.Pipe(duplex=False)
-            worker = context.Process(target=_worker_main, args=(rank, self._rendezvous, config, send), daemon=True,
-                                     name=f"distrifusion-rank-{rank}")
+            requests = None
+            if rank == 0:
+                self._rank0, requests = context.Pipe(duplex=True)
+            worker = context.Process(target=_worker_main, args=(rank, rendezvous, config, send, requests),
+                                     daemon=True, name=f"distrifusion-rank-{rank}")
             worker.start()
             send.close()  # the worker holds the only send end: its exit reads as end of file
+            if requests is not None:
+                requests.close()
             self.workers.append(worker)
             reports.append(receive)
         return reports
@@ -198,7 +285,7 @@ class RankService:
         """Waits (up to ``start_timeout_s``) for every worker to report ``wanted``; raises with the reason
         as soon as one reports a failure or exits."""
         deadline = time.monotonic() + self.config.start_timeout_s
-        waiting = dict(enumerate(zip(reports, self.workers), start=1))
+        waiting = dict(enumerate(zip(reports, self.workers)))
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -225,36 +312,61 @@ class RankService:
         requests = warmup_requests() if self.config.warmup is None else self.config.warmup
         parallel = replace(self.config.parallel, warmup_steps=1)  # one synchronous step, then asynchronous ones
         for request in requests:
-            self._run(request, parallel)
+            self._run(request, parallel, warmup_conditioning(self.config.model, request))
 
     def _run(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None = None,
              on_step=None, should_stop=None) -> GenerationResult:
-        if self.workers:
-            _signal(self.ranks, more=True)  # tiny: never blocks on a stuck worker
-            message = (request, parallel, for_transport(cond))  # host tensors: each rank places them itself
-            check_transportable(message)
-            dist.broadcast_object_list([message], src=0, group=self.ranks.control)
-        return self.denoiser.generate(request, parallel, on_step=on_step, cond=cond, should_stop=should_stop,
-                                      stoppable=True)
+        """Hands the request to rank 0 and follows it: after every step rank 0 reports, ``on_step`` runs and
+        rank 0 is told to go on or stop (``should_stop``), as rank 0 itself decided when it lived here;
+        then the answer. Raises ``_GroupBroken`` when a rank dies or rank 0 falls silent."""
+        message = ("generate", request, parallel, for_transport(cond))  # host tensors: each rank places them
+        check_transportable(message)
+        self._rank0.send(message)
+        # rank 0 reports every step; silence longer than a collective may wait means a rank hangs
+        silence_limit = self.config.rank_timeout_s + SILENCE_MARGIN_S
+        heard = time.monotonic()
+        sentinels = [w.sentinel for w in self.workers]
+        while True:
+            ready = multiprocessing.connection.wait([self._rank0, *sentinels], timeout=POLL_S)
+            if self._rank0 in ready:
+                try:
+                    answer = self._rank0.recv()
+                except EOFError:
+                    raise _GroupBroken(f"rank worker(s) {self._dead_workers() or [0]} died") from None
+                heard = time.monotonic()
+                kind = answer[0]
+                if kind == "step":
+                    if on_step is not None:
+                        on_step(answer[1], answer[2])
+                    self._rank0.send(STOP if should_stop is not None and should_stop() else GO)
+                    continue
+                if kind == "done":
+                    return answer[1]
+                if kind == "cancelled":
+                    raise GenerationCancelled(answer[1])
+                if kind == "refused":
+                    raise GenerationRefused(answer[1])
+                raise _GroupBroken(f"rank 0 failed:\n{answer[1]}")
+            dead = self._dead_workers()
+            if dead:
+                raise _GroupBroken(f"rank worker(s) {dead} died")
+            if time.monotonic() - heard > silence_limit:
+                raise _GroupBroken(f"rank 0 sent nothing for {silence_limit:.0f} s (a rank hangs)")
 
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
                  parallel: ParallelConfig | None = None, on_step=None, should_stop=None) -> GenerationResult:
         """Runs one request on every rank. A rank that died (before or during it) or hangs longer than
-        ``rank_timeout_s`` fails this request with ``RankGroupFailed`` after the group is restarted."""
+        ``rank_timeout_s`` fails this request with ``RankGroupFailed`` after the group is restarted; a
+        request the ranks refuse before the first step raises ``GenerationRefused`` (no restart)."""
         parallel = parallel or self.config.parallel
         self.ensure_ready()
         try:
             return self._run(request, parallel, cond, on_step, should_stop)
-        except (GenerationCancelled, GenerationRefused):
-            raise  # the group is intact: every rank stopped at the same step, or refused before the first
-        except Exception as error:
-            if not self.workers:
-                raise
-            dead = self._dead_workers()
-            reason = f"rank worker(s) {dead} died" if dead else f"a rank stopped answering ({error})"
+        except _GroupBroken as broken:
+            reason = str(broken)
             self._restart(reason)
             raise RankGroupFailed(f"the request failed because {reason}; the rank group was restarted, "
-                                  "retry the request") from error
+                                  "retry the request") from None
 
     def ensure_ready(self) -> None:
         """Restarts the group if a worker has exited since the last request (or the last start failed);
@@ -271,7 +383,7 @@ class RankService:
         return not self._group_ok or bool(self._dead_workers())
 
     def _dead_workers(self) -> list[int]:
-        return [rank for rank, w in enumerate(self.workers, start=1) if not w.is_alive()]
+        return [rank for rank, w in enumerate(self.workers) if not w.is_alive()]
 
     def _restart(self, reason: str) -> None:
         """Replaces the group; returns once the new one is loaded and warm (before the failed request
@@ -280,7 +392,6 @@ class RankService:
         self.on_state(RESTARTING, reason, [])
         self._group_ok = False
         self._stop_workers(kill=True)
-        self.ranks.close()
         self.restarts += 1
         self._start_group_reporting(f"restart after {reason}")
         log.info("rank group of %d restarted (%d restart(s) so far)", self.config.world_size, self.restarts)
@@ -295,22 +406,32 @@ class RankService:
                 worker.kill()
                 worker.join(1)
         self.workers = []
-
-    @property
-    def device(self) -> torch.device:
-        """Rank 0's device: where a request's tensors go before they enter the group."""
-        return self.ranks.device
+        if self._rendezvous is not None:
+            self._rendezvous.remove()
+            self._rendezvous = None
+        if self._rank0 is not None:
+            self._rank0.close()
+            self._rank0 = None
 
     @property
     def worker_pids(self) -> list[int]:
+        """Every rank's process, rank 0 first."""
         return [w.pid for w in self.workers]
 
     def close(self, timeout: float = 10.0) -> None:
-        """Tells every worker to leave and makes sure each is gone within ``timeout`` seconds."""
-        if self.workers and not self._dead_workers():
+        """Tells every rank to leave and makes sure each is gone within ``timeout`` seconds."""
+        healthy = self.workers and not self._dead_workers()
+        if healthy:
             try:
-                _signal(self.ranks, more=False)
-            except Exception as error:  # a dead worker must not keep the others alive
-                log.warning("could not tell the workers to stop: %s", error)
-        self._stop_workers(kill=bool(self._dead_workers()), timeout=timeout)
-        self.ranks.close()
+                self._rank0.send(LEAVE)
+            except OSError as error:  # a dead rank 0 must not keep the others alive
+                log.warning("could not tell the rank group to stop: %s", error)
+        self._stop_workers(kill=not healthy, timeout=timeout)
+
+
+class _GroupBroken(Exception):
+    """A rank died, hung or failed mid-generation: the group must be replaced."""
+
+
+POLL_S = 0.05  # how often a running request checks should_stop and the workers' health
+SILENCE_MARGIN_S = 30.0  # beyond rank_timeout_s: rank 0 reports every step, and every collective is bounded
