@@ -138,7 +138,7 @@ def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, requests)
     while True:
         try:
             message = requests.recv()
-        except EOFError:  # the service is gone: end the group
+        except (EOFError, OSError):  # the service is gone: end the group
             message = LEAVE
         if message == LEAVE:
             if many:
@@ -154,7 +154,7 @@ def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, requests)
         def stop_asked() -> bool:  # the service's verdict on the step just reported
             try:
                 return requests.recv() == STOP
-            except EOFError:
+            except (EOFError, OSError):
                 return True
 
         try:
@@ -321,7 +321,10 @@ class RankService:
         then the answer. Raises ``_GroupBroken`` when a rank dies or rank 0 falls silent."""
         message = ("generate", request, parallel, for_transport(cond))  # host tensors: each rank places them
         check_transportable(message)
-        self._rank0.send(message)
+        try:
+            self._rank0.send(message)
+        except OSError:
+            raise _GroupBroken(f"rank worker(s) {self._died()} died") from None
         # rank 0 reports every step; silence longer than a collective may wait means a rank hangs
         silence_limit = self.config.rank_timeout_s + SILENCE_MARGIN_S
         heard = time.monotonic()
@@ -331,14 +334,17 @@ class RankService:
             if self._rank0 in ready:
                 try:
                     answer = self._rank0.recv()
-                except EOFError:
-                    raise _GroupBroken(f"rank worker(s) {self._dead_workers() or [0]} died") from None
+                except (EOFError, OSError):  # end of file, or a reset when rank 0 died with bytes unread
+                    raise _GroupBroken(f"rank worker(s) {self._died()} died") from None
                 heard = time.monotonic()
                 kind = answer[0]
                 if kind == "step":
                     if on_step is not None:
                         on_step(answer[1], answer[2])
-                    self._rank0.send(STOP if should_stop is not None and should_stop() else GO)
+                    try:
+                        self._rank0.send(STOP if should_stop is not None and should_stop() else GO)
+                    except OSError:
+                        raise _GroupBroken(f"rank worker(s) {self._died()} died") from None
                     continue
                 if kind == "done":
                     return answer[1]
@@ -381,6 +387,13 @@ class RankService:
     def needs_restart(self) -> bool:
         """Whether a worker has exited or the last start failed (``ensure_ready`` would restart)."""
         return not self._group_ok or bool(self._dead_workers())
+
+    def _died(self, wait_s: float = 1.0) -> list[int]:
+        """The ranks that exited, once rank 0's pipe broke (its process may take a moment to be reaped)."""
+        deadline = time.monotonic() + wait_s
+        while not self._dead_workers() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self._dead_workers() or [0]
 
     def _dead_workers(self) -> list[int]:
         return [rank for rank, w in enumerate(self.workers) if not w.is_alive()]
