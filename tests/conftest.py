@@ -41,7 +41,10 @@ def relative_l2(a, b) -> float:
 
 
 def rank_workers(server) -> list[int]:
-    """Pids of the rank worker processes (multiprocessing spawn children) in a server's process group."""
+    """Pids of the denoiser's rank worker processes, rank 0 first: every rank is a worker (multiprocessing
+    spawn child) in the server's process group; their order is the one the denoiser published."""
+    import json
+
     from python_backend.serving.server import group_members
 
     workers = []
@@ -52,7 +55,12 @@ def rank_workers(server) -> list[int]:
                     workers.append(pid)
         except OSError:
             continue  # the process exited while we looked
-    return workers
+    try:
+        published = json.loads((server.status_dir / "denoiser.json").read_text())["workers"]
+    except (OSError, TypeError, ValueError, KeyError):
+        published = []
+    order = {pid: rank for rank, pid in enumerate(published)}
+    return sorted(workers, key=lambda pid: order.get(pid, len(order)))
 
 
 TINY_SIZE = 128  # the tests' image size for the tiny model: a fraction of a second per step on 2 cores
@@ -66,6 +74,22 @@ def tiny_serving_settings(model, **overrides):
     values = dict(model_dir=str(model), ranks=TINY_RANKS, split_cfg=False, sizes=f"{TINY_SIZE}x{TINY_SIZE}",
                   default_height=TINY_SIZE, default_width=TINY_SIZE)
     return ServingSettings(**{**values, **overrides})
+
+
+def reference_image(model, prompt: str, seed: int, steps: int, size: int = TINY_SIZE):
+    """The image the served defaults should give, generated in this process on one CPU rank in float32."""
+    from python_backend.cli.generate_job import GenerationJob, run_generation_job
+    from python_backend.core.defaults import DEFAULT_GUIDANCE, DEFAULT_MODE_NAME, DEFAULT_SCHEDULER
+    from python_backend.core.denoise import GenerationRequest
+    from python_backend.core.modes import Mode
+    from python_backend.core.parallel import ParallelConfig
+    from python_backend.core.ranks import run_on_ranks
+
+    request = GenerationRequest(prompt, height=size, width=size, steps=steps, seed=seed, guidance=DEFAULT_GUIDANCE,
+                                scheduler=DEFAULT_SCHEDULER)
+    job = GenerationJob(str(model), [(request, ParallelConfig(Mode(DEFAULT_MODE_NAME), 1, True))],
+                        decode=True, progress=False, dtype="float32")
+    return run_on_ranks(1, run_generation_job, (job,))[0].images[0]
 
 
 def alive(pid: int) -> bool:

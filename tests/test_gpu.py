@@ -1,5 +1,6 @@
-"""NCCL on GPUs: the same code as the gloo tests, run where GPUs exist (scripts/run_gpu_tests.sh)."""
+"""GPU checks (scripts/run_gpu_tests.sh): NCCL ranks, TensorRT engines, the served float16 path, host synchronisations per step."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,85 @@ def test_tensorrt_engines_match_onnxruntime(tiny_sdxl, tmp_path):
     on_gpu = run_on_ranks(1, run_generation_job, (gpu_job,), device_kind="cuda")[0]
     on_cpu = run_on_ranks(1, run_generation_job, (cpu_job,), device_kind="cpu")[0]
     assert relative_l2(on_gpu.latents, on_cpu.latents) < 0.05  # fp16 engines against fp32 ONNX Runtime
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPUS < 1, reason=f"needs an NVIDIA GPU for the served float16 path, this machine has {GPUS}")
+def test_served_float16_on_one_gpu_gives_the_cpu_float32_image_within_tolerance(tiny_sdxl, tmp_path):
+    """The default GPU deployment at N = 1: the UNet in float16 on cuda:0, fed the text encoder model's
+    float32 conditioning, through the real tritonserver."""
+    from conftest import TINY_SIZE, group_restarts, reference_image, tiny_serving_settings
+    from python_backend.client import generate
+    from python_backend.serving.repository import serve_repository
+
+    prompt, seed, steps = "a lighthouse on a cliff at dusk", 11, 3
+    settings = tiny_serving_settings(tiny_sdxl, ranks=1, device="cuda", dtype="float16", warmup_steps=1,
+                                     default_steps=steps)
+    with serve_repository(settings, tmp_path) as server:
+        image = generate(server.urls["http"], prompt, seed=seed)
+        again = generate(server.urls["grpc"], prompt, protocol="grpc", seed=seed)
+        restarts = group_restarts(server)
+    assert image.shape == (TINY_SIZE, TINY_SIZE, 3) and image.std() > 0
+    np.testing.assert_array_equal(image, again)
+    difference = float(np.abs(image.astype(np.float64) - reference_image(tiny_sdxl, prompt, seed, steps)).mean())
+    print(f"\nserved float16 on the GPU: mean |image - CPU float32 image| = {difference:.3f} levels")
+    assert difference < 2.0  # float16 on CPU: 0.16 levels (tests/test_precision.py); GPU kernels differ too
+    assert restarts == 0
+
+
+@pytest.mark.skipif(GPUS < 2 or not _has_tensorrt(),
+                    reason=f"needs 2 NVIDIA GPUs with tensorrt and polygraphy installed (GPUs here: {GPUS})")
+def test_tensorrt_engines_at_two_ranks_match_the_eager_unet(tiny_sdxl, tmp_path):
+    """Strongly typed float16 engines on two NCCL ranks against the eager float16 UNet on the same
+    ranks: the engines serve the asynchronous steps, so the two runs differ only by how each step is
+    computed."""
+    from python_backend.engines.build import BuildRequest, build
+
+    request = GenerationRequest("a photo of an astronaut", height=256, width=256, steps=6, seed=1)
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 2, split_cfg=False)
+    trt = build(BuildRequest(str(tiny_sdxl), 256, 256, 2, backend="tensorrt", precision="fp16", split_cfg=False),
+                tmp_path, progress=False)
+    jobs = {engine: GenerationJob(str(tiny_sdxl), [(request, parallel)], decode=False, progress=False,
+                                  dtype="float16", engine=engine, engine_dir=str(trt) if engine != "torch" else None)
+            for engine in ("tensorrt", "torch")}
+    engines = run_on_ranks(2, run_generation_job, (jobs["tensorrt"],), device_kind="cuda")[0]
+    eager = run_on_ranks(2, run_generation_job, (jobs["torch"],), device_kind="cuda")[0]
+    assert np.isfinite(engines.latents).all()
+    difference = relative_l2(engines.latents, eager.latents)
+    print(f"\nTensorRT float16 engines vs eager float16 at N = 2: latent rel. L2 {difference:.2e}")
+    assert difference < 0.02  # fp16 vs fp32 ONNX Runtime engines on CPU: 2.5e-3 (tests/test_fp16_engines.py)
+
+
+HOST_SYNCS_PER_STEP = 2  # besides the step's own timing synchronise; issue 12 takes the hot path further
+
+
+@pytest.mark.skipif(GPUS < 1, reason=f"needs an NVIDIA GPU to count host synchronisations, this machine has {GPUS}")
+def test_host_synchronisations_per_step_are_counted_and_bounded(tiny_sdxl):
+    """CUDA's synchronising calls made implicitly by the step (``.item()``, copies to the host, ...),
+    counted with torch's sync debug mode per step of a float16 generation on one GPU."""
+    import warnings
+
+    from python_backend.core.ranks import RankGroup
+    from python_backend.engines.loader import load_denoiser
+
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 1, split_cfg=False)
+    denoiser = load_denoiser(str(tiny_sdxl), RankGroup.single("cuda"), parallel, dtype="float16")
+    request = GenerationRequest("a photo of an astronaut", height=256, width=256, steps=6, seed=1)
+    denoiser.generate(request)  # first call: allocations and kernel choices, not counted
+    per_step, seen = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            torch.ones(1, device="cuda").item()  # the counter itself: exactly one synchronising call
+            probe = len(caught)
+            seen.append(len(caught))
+            denoiser.generate(request, on_step=lambda i, synchronous: seen.append(len(caught)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    per_step = [b - a for a, b in zip(seen, seen[1:])]
+    print(f"\nhost synchronisations per step: {per_step}")
+    for warning in caught[probe:probe + 10]:
+        print("  ", str(warning.message).splitlines()[0], warning.filename, warning.lineno)
+    assert probe == 1, "torch's sync debug mode did not see the probe's .item()"
+    assert max(per_step[1:]) <= HOST_SYNCS_PER_STEP, per_step

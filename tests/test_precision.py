@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SIZE as SIZE, group_restarts, tiny_serving_settings
+from conftest import TINY_SIZE as SIZE, group_restarts, reference_image, tiny_serving_settings
 from python_backend.core.model import Conditioning
 from python_backend.core.placement import Placement, check_transportable, for_transport, for_unet
 
@@ -41,18 +41,7 @@ def test_messages_between_ranks_carry_host_tensors_only():
 
 @pytest.fixture(scope="module")
 def float32_image(tiny_sdxl):
-    from python_backend.cli.generate_job import GenerationJob, run_generation_job
-    from python_backend.core.defaults import DEFAULT_GUIDANCE, DEFAULT_MODE_NAME, DEFAULT_SCHEDULER
-    from python_backend.core.denoise import GenerationRequest
-    from python_backend.core.modes import Mode
-    from python_backend.core.parallel import ParallelConfig
-    from python_backend.core.ranks import run_on_ranks
-
-    request = GenerationRequest(PROMPT, height=SIZE, width=SIZE, steps=STEPS, seed=SEED, guidance=DEFAULT_GUIDANCE,
-                                scheduler=DEFAULT_SCHEDULER)
-    job = GenerationJob(str(tiny_sdxl), [(request, ParallelConfig(Mode(DEFAULT_MODE_NAME), 1, True))],
-                        decode=True, progress=False)
-    return run_on_ranks(1, run_generation_job, (job,))[0].images[0]
+    return reference_image(tiny_sdxl, PROMPT, SEED, STEPS)
 
 
 @pytest.mark.slow

@@ -125,3 +125,13 @@ def test_a_worker_that_dies_while_starting_fails_the_start_at_once(tiny_sdxl, tm
     finally:
         multiprocessing.set_executable(executable)
     assert time.monotonic() - started < 60  # seen when it exits, not after a timeout
+
+
+def test_nccl_ranks_end_their_process_on_a_collective_timeout_unless_the_environment_chooses():
+    from python_backend.core.ranks import NCCL_FAULT_HANDLING, use_nccl_fault_handling
+
+    environ = {}
+    assert use_nccl_fault_handling(environ) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"} == NCCL_FAULT_HANDLING
+    assert environ == NCCL_FAULT_HANDLING
+    chosen = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert use_nccl_fault_handling(chosen) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}

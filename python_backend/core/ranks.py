@@ -56,6 +56,23 @@ def use_loopback_sockets() -> None:
         os.environ.setdefault(name, LOOPBACK_INTERFACE)
 
 
+NCCL_FAULT_HANDLING = {
+    # A collective still waiting at the group's timeout (a peer died or hangs) ends this rank's process,
+    # without aborting the communicator first: an abort can itself hang behind a peer wedged in a kernel.
+    # Every rank is a worker the service supervises, so the death is seen at once and the group replaced;
+    # the service also kills a group whose rank 0 falls silent (rank timeout + a margin), whatever NCCL does.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+}
+"""The NCCL error handling every rank runs with (docs/gpu.md); a value the environment sets wins."""
+
+
+def use_nccl_fault_handling(environ=os.environ) -> dict[str, str]:
+    """Sets :data:`NCCL_FAULT_HANDLING` where the environment does not choose; returns what is in force."""
+    for name, value in NCCL_FAULT_HANDLING.items():
+        environ.setdefault(name, value)
+    return {name: environ[name] for name in NCCL_FAULT_HANDLING}
+
+
 @dataclass(frozen=True)
 class LocalRendezvous:
     """Where the ranks of one group on this host meet: a FileStore in a private folder (mode 0700).
@@ -109,8 +126,12 @@ class RankGroup:
         """
         timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
         if device_kind == "cuda":
+            handling = use_nccl_fault_handling()  # before the process group reads it
             torch.cuda.set_device(rank % torch.cuda.device_count())
             device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+            if rank == 0:
+                log.info("NCCL collectives time out after %.0f s; then %s", timeout.total_seconds(),
+                         ", ".join(f"{k}={v}" for k, v in handling.items()))
         else:
             device, backend = torch.device("cpu"), "gloo"
         use_loopback_sockets()

@@ -1,7 +1,9 @@
 """Triton model ``denoiser``: conditioning + options -> final latents, on a patch-parallel rank group.
 
-This model instance is rank 0; it starts ranks 1..N-1 as worker processes (one per device), and
-serves requests one at a time on the whole group (Triton queues the rest).
+This model instance holds no rank: it starts every rank (one per device, rank 0 included) as a worker
+process and supervises them (``RankService``), so a rank that hangs or is torn down by NCCL costs the
+request it serves, never the Triton stub. Requests run one at a time on the whole group (Triton
+queues the rest).
 """
 
 from __future__ import annotations
