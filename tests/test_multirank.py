@@ -312,3 +312,34 @@ def test_sd15_three_ranks_on_unequal_slabs(generated, reference):
     print(f"\nSD 1.5 N=3 (2,1,1) against N=1: full_sync {sync:.2e}, corrected_async_gn {corrected:.4f}")
     assert sync < 1e-5  # float32 rounding (measured ~1.5e-6)
     assert 0 < corrected < SD15_MEASURED * MARGIN
+
+
+_RANKS_WITH_A_PROGRESS_BAR = """
+import sys
+sys.path.insert(0, {root!r})
+from python_backend.core.ranks import run_on_ranks
+
+def job(group):
+    from tqdm.auto import tqdm  # makes a named semaphore (its multiprocessing lock) in every rank
+    for _ in tqdm(range(2)):
+        pass
+    return group.rank
+
+if __name__ == "__main__":
+    print("rank 0 returned", run_on_ranks(3, job))
+"""
+
+
+def test_rank_processes_leave_no_semaphore_behind(tmp_path):
+    """Ranks end with os._exit (no interpreter finalisation); the semaphores they made are still unlinked
+    by their own process, not left to the resource tracker's "leaked semaphore objects" clean-up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_WITH_A_PROGRESS_BAR.format(root=str(Path(__file__).resolve().parent.parent)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "rank 0 returned 0" in done.stdout
+    assert "leaked semaphore" not in done.stderr, done.stderr

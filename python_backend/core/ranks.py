@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util
 import os
 import pickle
 import shutil
@@ -205,7 +206,10 @@ def _rank_main(rank, world_size, rendezvous, device_kind, threads, job, args, re
 def exit_now() -> None:
     """Ends a rank's process without interpreter finalisation: torch's, gloo's and the tokenizers' native
     threads are torn down by destructors at exit, which hung the process for seconds (and, in the rank
-    jobs, once aborted it: "terminate called without an active exception"). Nothing is left to clean up."""
+    jobs, once aborted it: "terminate called without an active exception"). Only multiprocessing's own
+    finalisers run: they unlink the named semaphores this process made (tqdm's lock is one), which would
+    otherwise be left to the resource tracker ("leaked semaphore objects" at the parent's exit)."""
+    multiprocessing.util._run_finalizers(0)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
