@@ -64,3 +64,25 @@ def test_a_latent_too_short_for_the_ranks_is_refused_naming_the_limit():
     with pytest.raises(LayoutError, match="at most 4 patches"):
         decoder_layout(latent_height=4, num_patches=8, index=0)
     assert decoder_layout(latent_height=16, num_patches=3, index=0).units == (6, 5, 5)
+
+
+def test_generate_decodes_on_every_rank_by_default_and_matches_one_device(tiny_sdxl, tmp_path):
+    """``distrifusion generate --ranks 2``: the same latents, and an image within one level of rank 0's
+    single-device decoding (float32 rounding may flip a pixel's last bit), with and without the option."""
+    import numpy as np
+    from PIL import Image
+
+    from python_backend.cli import main
+
+    outputs = {}
+    for option in ("--parallel-vae", "--no-parallel-vae"):
+        image, latents = tmp_path / f"{option}.png", tmp_path / f"{option}.npy"
+        code = main(["generate", "--model", str(tiny_sdxl), "--prompt", "a red circle", "--height", "128",
+                     "--width", "64", "--steps", "2", "--ranks", "2", "--no-split-cfg", "--seed", "5",
+                     "--out", str(image), "--latents-out", str(latents), option])
+        assert code == 0
+        outputs[option] = (np.asarray(Image.open(image)).astype(int), np.load(latents))
+    (parallel, parallel_latents), (single, single_latents) = outputs["--parallel-vae"], outputs["--no-parallel-vae"]
+    np.testing.assert_array_equal(parallel_latents, single_latents)
+    assert parallel.shape == single.shape == (128, 64, 3)
+    assert np.abs(parallel - single).max() <= 1

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--engine", choices=ENGINE_BACKENDS, default="torch",
                      help="what runs the asynchronous steps: the eager core or segment engines (built and cached on demand)")
     gen.add_argument("--engine-dir", type=Path, default=None, help="engine cache folder (default build/out/engines)")
+    gen.add_argument("--parallel-vae", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --ranks > 1, every rank decodes its latent slab (default); --no-parallel-vae: "
+                          "rank 0 decodes the whole image")
     gen.add_argument("--out", required=True, type=Path, help="PNG path (several images get _0, _1, ... suffixes)")
     gen.add_argument("--latents-out", type=Path, default=None, help="save final latents as float32 .npy")
     gen.set_defaults(handler=_generate)
@@ -267,7 +270,7 @@ def _generate(args) -> int:
         precision = {"float16": "fp16", "float32": "fp32"}.get(args.dtype)  # engines in the UNet's precision
         engine_dir = str(_build_engines(_build_request(args, args.engine, precision), args.engine_dir))
     job = GenerationJob(model=str(args.model), runs=[(request, parallel)], dtype=args.dtype, engine=args.engine,
-                        engine_dir=engine_dir)
+                        engine_dir=engine_dir, parallel_vae=args.parallel_vae)
     (output,) = run_on_ranks(args.ranks, run_generation_job, (job,), device_kind, args.threads)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

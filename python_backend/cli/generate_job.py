@@ -1,4 +1,5 @@
-"""One rank's share of ``distrifusion generate``: load, denoise patch-parallel, decode on rank 0."""
+"""One rank's share of ``distrifusion generate``: load, denoise patch-parallel, decode (every rank its slab
+with ``parallel_vae``, else rank 0 alone)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.denoise import GenerationRequest
-from ..core.model import decode_latents
+from ..core.model import decode_latents, to_uint8
+from ..core.patch_vae import ParallelVaeDecoder
 from ..core.parallel import ParallelConfig
 from ..core.ranks import RankGroup
 from ..engines.loader import load_denoiser
@@ -26,6 +28,7 @@ class GenerationJob:
     dtype: str = "auto"  # "auto": float16 on CUDA, float32 on CPU
     engine: str = "torch"  # or "onnxruntime" / "tensorrt": segment engines for the asynchronous steps
     engine_dir: str | None = None  # the build folder (distrifusion build)
+    parallel_vae: bool = True  # with more than one rank, every rank decodes its latent slab (core/patch_vae.py)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class RunOutput:
 
 def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
     denoiser = load_denoiser(job.model, ranks, job.runs[0][1], job.dtype, job.engine, job.engine_dir)
+    decoder = _parallel_decoder(denoiser, ranks) if job.decode and job.parallel_vae and ranks.world_size > 1 else None
     outputs = []
     for request, parallel in job.runs:
         progress = _StepProgress(request, parallel, ranks) if job.progress and ranks.rank == 0 else None
@@ -47,11 +51,24 @@ def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
         output = RunOutput(
             latents=result.latents.float().cpu().numpy(), unet_seconds=result.unet_seconds, events=result.events
         )
-        if job.decode and ranks.rank == 0:
+        if decoder is not None:
+            if ranks.rank == 0:
+                log.info("decoding %d image(s) with the VAE, each of %d ranks its slab", request.num_images,
+                         ranks.world_size)
+            images = to_uint8(decoder.decode(result.latents, denoiser.factor))
+            if ranks.rank == 0:
+                output.images = list(images)
+        elif job.decode and ranks.rank == 0:
             log.info("decoding %d image(s) with the VAE", request.num_images)
             output.images = list(decode_latents(denoiser.pipe, result.latents))
         outputs.append(output)
     return outputs
+
+
+def _parallel_decoder(denoiser, ranks: RankGroup) -> ParallelVaeDecoder:
+    import torch.distributed as dist
+
+    return ParallelVaeDecoder(denoiser.pipe.vae, dist.group.WORLD, ranks.rank, ranks.world_size)
 
 
 class _StepProgress:

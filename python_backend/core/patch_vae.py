@@ -81,10 +81,14 @@ def patch_vae_decoder(vae: nn.Module, context: PatchContext) -> nn.Module:
 
 
 def decoder_layout(latent_height: int, num_patches: int, index: int, unit_rows: int = 1) -> PatchLayout:
-    """The slabs the decoder splits a latent of ``latent_height`` rows into (the denoiser's, given its
-    ``unit_rows``); raises ``LayoutError`` naming the most slabs this height allows. Every slab needs at
-    least one latent row: the decoder's 3x3 convolutions borrow one halo row from each neighbour."""
-    return PatchLayout.split(latent_height, num_patches, unit_rows, index)
+    """The slabs the decoder splits a latent of ``latent_height`` rows into: the denoiser's (whole units of
+    its ``unit_rows``) where the height has a unit for every slab, else as evenly as single rows allow
+    (the denoiser's CFG halves each split the image over half the ranks; the decoder uses them all).
+    Raises ``LayoutError`` naming the most slabs this height allows: every slab needs at least one latent
+    row, since the decoder's 3x3 convolutions borrow one halo row from each neighbour."""
+    if unit_rows > 1 and latent_height % unit_rows == 0 and latent_height // unit_rows >= num_patches:
+        return PatchLayout.split(latent_height, num_patches, unit_rows, index)
+    return PatchLayout.split(latent_height, num_patches, 1, index)
 
 
 class ParallelVaeDecoder:
@@ -93,21 +97,21 @@ class ParallelVaeDecoder:
     Every rank calls :meth:`decode` with the same full latents; each returns the whole image (the slabs
     gathered in order). ``group`` is a torch.distributed group (None with a single rank)."""
 
-    def __init__(self, vae: nn.Module, group, index: int, size: int, unit_rows: int = 1):
+    def __init__(self, vae: nn.Module, group, index: int, size: int):
         self.vae = vae
-        self.unit_rows = unit_rows
         self.exchange = BufferExchange(group, index, size, record=False)
-        self.context = PatchContext(decoder_layout(size * unit_rows, size, index, unit_rows), self.exchange,
-                                    mode=Mode.FULL_SYNC, warmup_steps=0)
+        self.context = PatchContext(decoder_layout(size, size, index), self.exchange, mode=Mode.FULL_SYNC,
+                                    warmup_steps=0)
         patch_vae_decoder(vae, self.context)
 
     @property
     def size(self) -> int:
         return self.exchange.size
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The image [B, 3, H, W] in [-1, 1] of full latents [B, C, h, w] (as ``model.vae_decode``)."""
-        layout = decoder_layout(latents.shape[2], self.size, self.exchange.index, self.unit_rows)
+    def decode(self, latents: torch.Tensor, unit_rows: int = 1) -> torch.Tensor:
+        """The image [B, 3, H, W] in [-1, 1] of full latents [B, C, h, w] (as ``model.vae_decode``), the
+        slabs cut as :func:`decoder_layout` says."""
+        layout = decoder_layout(latents.shape[2], self.size, self.exchange.index, unit_rows)
         self.context.layout = layout
         self.context.begin_generation()
         start, stop = layout.row_range(latents.shape[2])
