@@ -1,0 +1,106 @@
+"""Patch-parallel VAE decoding with the real SDXL VAE architecture (random weights): peak activation
+memory and decode time per rank, N = 1, 2, 4, 8, side by side in one run.
+
+    python benchmarks/vae_memory.py [--sizes 1024] [--ranks 1 2 4 8] [--threads 1]
+
+Every N runs as a real gloo process group on this machine's CPU (all ranks at once). Per rank:
+"activations" is the process's peak resident memory during the decode (Linux VmHWM, reset just before
+it) minus its resident memory just before: the decoder's activations, the exchange buffers and the
+gathered image, without the weights; the ranks run with MALLOC_MMAP_THRESHOLD_=65536, so that glibc
+returns every freed large block at once and the peak resident size is the peak of live tensors, not of
+malloc's retained heap (the VAE's float32 weights are also listed). Time is the decode's
+wall time on that rank; with more ranks than cores they share the CPU, so time per rank here says
+little about a GPU per rank, memory says what it would hold. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from common import model_or_tiny  # noqa: F401  (puts the repository root on sys.path)
+
+SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=False)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size (VmHWM)
+        f.write("5")
+
+
+def _decode_job(ranks, size: int) -> list[dict]:
+    import torch.distributed as dist
+    from diffusers import AutoencoderKL
+
+    from python_backend.core.model import vae_decode
+    from python_backend.core.patch_vae import ParallelVaeDecoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SDXL_VAE).eval()
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
+    if ranks.world_size > 1:
+        decoder = ParallelVaeDecoder(vae, dist.group.WORLD, ranks.rank, ranks.world_size)
+        decode = decoder.decode
+        dist.barrier()
+    else:
+        def decode(z):
+            return vae_decode(vae, z)
+    before = _status_kib("VmRSS")
+    _reset_peak()
+    started = time.perf_counter()
+    with torch.no_grad():
+        image = decode(latents)
+    seconds = time.perf_counter() - started
+    peak = _status_kib("VmHWM")
+    mine = {"rank": ranks.rank, "activations_bytes": (peak - before) * 1024, "seconds": seconds,
+            "weights_bytes": weights, "image_shape": list(image.shape)}
+    if ranks.world_size == 1:
+        return [mine]
+    everyone = [None] * ranks.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+    args = parser.parse_args()
+
+    from python_backend.core.ranks import run_on_ranks
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when each rank process starts
+
+    results = []
+    for size in args.sizes:
+        single = None
+        print(f"\nSDXL VAE decoder, {size}x{size} image, float32, {args.threads} thread(s) per rank")
+        print(f"{'N':>3} {'max activations/rank':>21} {'x single':>9} {'target 1.3/N':>13} {'max decode s/rank':>18}")
+        for n in args.ranks:
+            ranks = run_on_ranks(n, _decode_job, (size,), "cpu", args.threads)
+            peak = max(r["activations_bytes"] for r in ranks)
+            seconds = max(r["seconds"] for r in ranks)
+            single = peak if n == 1 else single
+            ratio = f"{peak / single:.3f}" if single else "-"
+            print(f"{n:>3} {peak / 2**20:>17.0f} MiB {ratio:>9} {1.3 / n:>13.3f} {seconds:>18.1f}", flush=True)
+            results.append({"size": size, "ranks": n, "per_rank": ranks})
+        print(f"weights per rank: {ranks[0]['weights_bytes'] / 2**20:.0f} MiB (float32)")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
