@@ -92,6 +92,18 @@ def reference_image(model, prompt: str, seed: int, steps: int, size: int = TINY_
     return run_on_ranks(1, run_generation_job, (job,))[0].images[0]
 
 
+def served_image_twice(settings, tmp_path, prompt: str, seed: int):
+    """Serves ``settings`` on a real tritonserver and asks for the same image over HTTP and gRPC; returns
+    (HTTP image, gRPC image, group restarts seen by the server)."""
+    from python_backend.client import generate
+    from python_backend.serving.repository import serve_repository
+
+    with serve_repository(settings, tmp_path) as server:
+        image = generate(server.urls["http"], prompt, seed=seed)
+        again = generate(server.urls["grpc"], prompt, protocol="grpc", seed=seed)
+        return image, again, group_restarts(server)
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` is running (a zombie has exited already)."""
     try:

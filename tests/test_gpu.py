@@ -62,17 +62,12 @@ def test_tensorrt_engines_match_onnxruntime(tiny_sdxl, tmp_path):
 def test_served_float16_on_one_gpu_gives_the_cpu_float32_image_within_tolerance(tiny_sdxl, tmp_path):
     """The default GPU deployment at N = 1: the UNet in float16 on cuda:0, fed the text encoder model's
     float32 conditioning, through the real tritonserver."""
-    from conftest import TINY_SIZE, group_restarts, reference_image, tiny_serving_settings
-    from python_backend.client import generate
-    from python_backend.serving.repository import serve_repository
+    from conftest import TINY_SIZE, reference_image, served_image_twice, tiny_serving_settings
 
     prompt, seed, steps = "a lighthouse on a cliff at dusk", 11, 3
     settings = tiny_serving_settings(tiny_sdxl, ranks=1, device="cuda", dtype="float16", warmup_steps=1,
                                      default_steps=steps)
-    with serve_repository(settings, tmp_path) as server:
-        image = generate(server.urls["http"], prompt, seed=seed)
-        again = generate(server.urls["grpc"], prompt, protocol="grpc", seed=seed)
-        restarts = group_restarts(server)
+    image, again, restarts = served_image_twice(settings, tmp_path, prompt, seed)
     assert image.shape == (TINY_SIZE, TINY_SIZE, 3) and image.std() > 0
     np.testing.assert_array_equal(image, again)
     difference = float(np.abs(image.astype(np.float64) - reference_image(tiny_sdxl, prompt, seed, steps)).mean())
@@ -120,7 +115,7 @@ def test_host_synchronisations_per_step_are_counted_and_bounded(tiny_sdxl):
     denoiser = load_denoiser(str(tiny_sdxl), RankGroup.single("cuda"), parallel, dtype="float16")
     request = GenerationRequest("a photo of an astronaut", height=256, width=256, steps=6, seed=1)
     denoiser.generate(request)  # first call: allocations and kernel choices, not counted
-    per_step, seen = [], []
+    seen = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")

@@ -320,9 +320,9 @@ sys.path.insert(0, {root!r})
 from python_backend.core.ranks import run_on_ranks
 
 def job(group):
-    from tqdm.auto import tqdm  # makes a named semaphore (its multiprocessing lock) in every rank
-    for _ in tqdm(range(2)):
-        pass
+    from tqdm.auto import tqdm
+
+    list(tqdm(range(2)))  # a progress bar makes a named semaphore (tqdm's multiprocessing lock) in every rank
     return group.rank
 
 if __name__ == "__main__":

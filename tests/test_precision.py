@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SIZE as SIZE, group_restarts, reference_image, tiny_serving_settings
+from conftest import TINY_SIZE as SIZE, reference_image, served_image_twice, tiny_serving_settings
 from python_backend.core.model import Conditioning
 from python_backend.core.placement import Placement, check_transportable, for_transport, for_unet
 
@@ -49,16 +49,10 @@ def float32_image(tiny_sdxl):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_served_half_precision_unet_gives_the_float32_image_within_tolerance(tiny_sdxl, tmp_path, float32_image,
                                                                              dtype, ranks):
-    from python_backend.client import generate
-    from python_backend.serving.repository import serve_repository
-
     # the default layout: the CFG halves split over the 2 ranks
     settings = tiny_serving_settings(tiny_sdxl, ranks=ranks, split_cfg=True, dtype=dtype, warmup_steps=1,
                                      default_steps=STEPS)
-    with serve_repository(settings, tmp_path) as server:
-        image = generate(server.urls["http"], PROMPT, seed=SEED)
-        again = generate(server.urls["grpc"], PROMPT, protocol="grpc", seed=SEED)
-        restarts = group_restarts(server)
+    image, again, restarts = served_image_twice(settings, tmp_path, PROMPT, SEED)
     assert image.shape == (SIZE, SIZE, 3) and image.std() > 0
     np.testing.assert_array_equal(image, again)
     difference = float(np.abs(image.astype(np.float64) - float32_image).mean())

@@ -90,17 +90,36 @@ class PatchSelfAttentionProcessor:
             query = _per_head(attn.norm_q, query, attn.heads)
         if attn.norm_k is not None:
             key = _per_head(attn.norm_k, key, attn.heads)
-        fresh = torch.cat([key, value], dim=-1)
-        tokens = self.context.layout.scaled(fresh.shape[1])
-        shapes = [(fresh.shape[0], t, fresh.shape[2]) for t in tokens]
-        key_value = torch.cat(self.context.activations(self.key, fresh, shapes), dim=1)
-        full_key, full_value = key_value.split(key.shape[-1], dim=-1)
-        out = patch_math.attention(query, full_key, full_value, attn.heads)
+        out = attend_over_all_slabs(self.context, self.key, query, key, value, attn.heads)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def attend_over_all_slabs(context: PatchContext, layer_key: str, query, key, value, heads: int) -> torch.Tensor:
+    """This slab's queries over every slab's keys and values [B, T, C] (the slabs' tokens in rank order),
+    the keys and values travelling as one buffer per layer."""
+    fresh = torch.cat([key, value], dim=-1)
+    shapes = [(fresh.shape[0], t, fresh.shape[2]) for t in context.layout.scaled(fresh.shape[1])]
+    key_value = torch.cat(context.activations(layer_key, fresh, shapes), dim=1)
+    full_key, full_value = key_value.split(key.shape[-1], dim=-1)
+    return patch_math.attention(query, full_key, full_value, heads)
+
+
+def swap_layers(root: nn.Module, replacement, prefix: str = "") -> None:
+    """Replaces, in place, every child ``c`` of ``root`` (at any depth) for which ``replacement(key, c)``
+    returns a module; ``key`` is the child's dotted name (after ``prefix``)."""
+    swaps = []
+    for name, module in root.named_modules():
+        for child_name, child in module.named_children():
+            key = ".".join(part for part in (prefix, name, child_name) if part)
+            wrapper = replacement(key, child)
+            if wrapper is not None:
+                swaps.append((module, child_name, wrapper))
+    for module, child_name, wrapper in swaps:
+        setattr(module, child_name, wrapper)
 
 
 def _per_head(norm: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -118,18 +137,17 @@ def patch_unet(unet: nn.Module, context: PatchContext) -> nn.Module:
 
     if any(isinstance(m, (PatchConv2d, SlicedInputConv, PatchGroupNorm)) for m in unet.modules()):
         raise ValueError("this UNet is already patched")
-    replacements = []
-    for name, module in unet.named_modules():
-        for child_name, child in module.named_children():
-            key = f"{name}.{child_name}" if name else child_name
-            if key == "conv_in":
-                replacements.append((module, child_name, SlicedInputConv(child, context)))
-            elif isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
-                replacements.append((module, child_name, PatchConv2d(child, key, context)))
-            elif isinstance(child, nn.GroupNorm):
-                replacements.append((module, child_name, PatchGroupNorm(child, key, context)))
-            elif isinstance(child, Attention) and not child.is_cross_attention:
-                child.set_processor(PatchSelfAttentionProcessor(key, context))
-    for module, child_name, wrapper in replacements:
-        setattr(module, child_name, wrapper)
+
+    def replacement(key: str, child: nn.Module):
+        if key == "conv_in":
+            return SlicedInputConv(child, context)
+        if isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
+            return PatchConv2d(child, key, context)
+        if isinstance(child, nn.GroupNorm):
+            return PatchGroupNorm(child, key, context)
+        if isinstance(child, Attention) and not child.is_cross_attention:
+            child.set_processor(PatchSelfAttentionProcessor(key, context))
+        return None
+
+    swap_layers(unet, replacement)
     return unet

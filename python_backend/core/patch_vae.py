@@ -14,13 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import patch_math
 from .context import PatchContext
 from .exchange import BufferExchange
 from .layout import PatchLayout
 from .model import vae_decode
 from .modes import Mode
-from .patch_layers import PatchConv2d, PatchGroupNorm
+from .patch_layers import PatchConv2d, PatchGroupNorm, attend_over_all_slabs, swap_layers
 
 
 class PatchSpatialAttentionProcessor:
@@ -45,11 +44,7 @@ class PatchSpatialAttentionProcessor:
         query = attn.to_q(tokens)
         key = attn.to_k(tokens)
         value = attn.to_v(tokens)
-        fresh = torch.cat([key, value], dim=-1)
-        shapes = [(batch, t, fresh.shape[2]) for t in self.context.layout.scaled(fresh.shape[1])]
-        key_value = torch.cat(self.context.activations(self.key, fresh, shapes), dim=1)
-        full_key, full_value = key_value.split(key.shape[-1], dim=-1)
-        out = patch_math.attention(query, full_key, full_value, attn.heads)
+        out = attend_over_all_slabs(self.context, self.key, query, key, value, attn.heads)
         out = attn.to_out[1](attn.to_out[0](out))
         out = out.transpose(1, 2).reshape(batch, channels, height, width)
         if attn.residual_connection:
@@ -65,18 +60,16 @@ def patch_vae_decoder(vae: nn.Module, context: PatchContext) -> nn.Module:
     decoder = vae.decoder
     if any(isinstance(m, (PatchConv2d, PatchGroupNorm)) for m in decoder.modules()):
         raise ValueError("this VAE decoder is already patched")
-    replacements = []
-    for name, module in decoder.named_modules():
-        for child_name, child in module.named_children():
-            key = f"decoder.{name}.{child_name}" if name else f"decoder.{child_name}"
-            if isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
-                replacements.append((module, child_name, PatchConv2d(child, key, context)))
-            elif isinstance(child, nn.GroupNorm):
-                replacements.append((module, child_name, PatchGroupNorm(child, key, context)))
-            elif isinstance(child, Attention):
-                child.set_processor(PatchSpatialAttentionProcessor(key, context))
-    for module, child_name, wrapper in replacements:
-        setattr(module, child_name, wrapper)
+    def replacement(key: str, child: nn.Module):
+        if isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
+            return PatchConv2d(child, key, context)
+        if isinstance(child, nn.GroupNorm):
+            return PatchGroupNorm(child, key, context)
+        if isinstance(child, Attention):
+            child.set_processor(PatchSpatialAttentionProcessor(key, context))
+        return None
+
+    swap_layers(decoder, replacement, prefix="decoder")
     return vae
 
 
