@@ -6,7 +6,7 @@
 Both sides do the same work on the same rank layout (N ranks, CFG split when N is even): encode the
 prompt, denoise, decode with the VAE, produce a uint8 image. In-process: one warmed rank group
 timing that sequence (what `distrifusion generate` does after loading). Through Triton: the HTTP
-client's latency for the ensemble (text_encoder -> denoiser on N ranks -> vae_decoder -> postprocess).
+client's latency for the ensemble (text_encoder -> denoiser on N ranks, decoding patch-parallel when N > 1 -> postprocess).
 Medians after one warm-up request each. Then perf_analyzer sweeps concurrency 1..2 against the server.
 """
 

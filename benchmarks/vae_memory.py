@@ -5,7 +5,8 @@ memory and decode time per rank, N = 1, 2, 4, 8, side by side in one run.
 
 Every N runs as a real gloo process group on this machine's CPU (all ranks at once). Per rank:
 "activations" is the process's peak resident memory during the decode (Linux VmHWM, reset just before
-it) minus its resident memory just before: the decoder's activations, the exchange buffers and the
+it, after one small warm-up decode that pays the libraries' first-call costs, as a served rank group
+warms up before it takes requests) minus its resident memory just before: the decoder's activations, the exchange buffers and the
 gathered image, without the weights; the ranks run with MALLOC_MMAP_THRESHOLD_=65536, so that glibc
 returns every freed large block at once and the peak resident size is the peak of live tensors, not of
 malloc's retained heap (the VAE's float32 weights are also listed). Time is the decode's
@@ -27,6 +28,9 @@ from common import model_or_tiny  # noqa: F401  (puts the repository root on sys
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=False)
+
+
+WARMUP_LATENT_ROWS = 16  # a 128x128 image: 2 latent rows per rank at N = 8
 
 
 def _status_kib(field: str) -> int:
@@ -57,6 +61,8 @@ def _decode_job(ranks, size: int) -> list[dict]:
     else:
         def decode(z):
             return vae_decode(vae, z)
+    with torch.no_grad():  # a small decode first, as a served group warms up: libraries' first-call costs
+        decode(torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS))
     before = _status_kib("VmRSS")
     _reset_peak()
     started = time.perf_counter()

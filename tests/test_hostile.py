@@ -35,7 +35,10 @@ QUEUE = 2
 
 @pytest.fixture(scope="module")
 def server(tiny_sdxl, tmp_path_factory):
-    settings = tiny_serving_settings(tiny_sdxl, default_steps=2, warmup_steps=1, max_queue_size=QUEUE)
+    # the single-device vae_decoder is deployed (parallel_vae false) so that its inputs are attacked too;
+    # tests/test_served_vae.py attacks the default layout, where the rank group decodes
+    settings = tiny_serving_settings(tiny_sdxl, default_steps=2, warmup_steps=1, max_queue_size=QUEUE,
+                                     parallel_vae=False)
     with serve_repository(settings, tmp_path_factory.mktemp("hostile"), admin_key=KEY) as triton:
         yield triton
 

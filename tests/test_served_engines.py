@@ -30,8 +30,7 @@ def _common(model):
 def _generate(model, out_dir, engine, engine_dir):
     image, latents = out_dir / f"{engine}.png", out_dir / f"{engine}.npy"
     code = main(["generate", *_common(model), "--prompt", PROMPT, "--seed", str(SEED), "--engine", engine,
-                 "--engine-dir", str(engine_dir), "--out", str(image), "--latents-out", str(latents),
-                 "--no-parallel-vae"])  # one device decodes, as the served vae_decoder does: bit-for-bit comparable
+                 "--engine-dir", str(engine_dir), "--out", str(image), "--latents-out", str(latents)])
     assert code == 0
     return image, latents
 
@@ -50,7 +49,7 @@ def cli_run(tiny_sdxl, tmp_path_factory):
     return {"root": root, "engines": engines, "build": builds[0], "repository": repository, "outputs": outputs}
 
 
-def test_build_writes_every_ranks_segments_and_a_five_model_repository(cli_run, tiny_sdxl):
+def test_build_writes_every_ranks_segments_and_a_repository_that_decodes_on_the_ranks(cli_run, tiny_sdxl):
     build = cli_run["build"]
     recorded = json.loads((build / "build.json").read_text())
     assert recorded["fields"]["units"] == [2, 2] and recorded["fields"]["batch"] == 2  # 2 slabs, both CFG halves
@@ -60,13 +59,13 @@ def test_build_writes_every_ranks_segments_and_a_five_model_repository(cli_run, 
         assert len(files) == 1 + 7
         assert all((build / f"patch{index}" / name).is_file() for name in files)
     repository = cli_run["repository"]
-    assert sorted(p.name for p in repository.iterdir()) == \
-        ["denoiser", "pipeline", "postprocess", "text_encoder", "vae_decoder"]
-    for model in ("denoiser", "pipeline", "postprocess", "text_encoder", "vae_decoder"):
+    # N > 1: the rank group decodes (parallel VAE, the default), so there is no single-device vae_decoder
+    assert sorted(p.name for p in repository.iterdir()) == ["denoiser", "pipeline", "postprocess", "text_encoder"]
+    for model in ("denoiser", "pipeline", "postprocess", "text_encoder"):
         assert (repository / model / "config.pbtxt").is_file()
     config = (repository / "denoiser" / "config.pbtxt").read_text()
     for key, value in (("engine", "onnxruntime"), ("engine_dir", str(build.resolve())), ("ranks", str(RANKS)),
-                       ("split_cfg", "false"), ("warmup_steps", str(WARMUP)), ("sizes", f"{SIZE}x{SIZE}"),
+                       ("split_cfg", "false"), ("parallel_vae", "true"), ("warmup_steps", str(WARMUP)), ("sizes", f"{SIZE}x{SIZE}"),
                        ("default_steps", str(STEPS)), ("model_dir", str(tiny_sdxl.resolve()))):
         assert re.search(rf'key: "{key}" value: {{ string_value: "{re.escape(value)}" }}', config), key
 

@@ -98,7 +98,8 @@ def test_stock_settings_allow_the_documented_defaults():
 
 
 CHANGED = ServingSettings(
-    model_dir="/models/my sdxl", ranks=4, mode="stale_gn", warmup_steps=0, split_cfg=False, engine="onnxruntime",
+    model_dir="/models/my sdxl", ranks=4, mode="stale_gn", warmup_steps=0, split_cfg=False, parallel_vae=False,
+    engine="onnxruntime",
     engine_dir="/engines/abc", device="cpu", dtype="bfloat16", sizes="1024x1024,768x1344", default_steps=30, default_guidance=7.25,
     default_scheduler="dpmpp-2m", default_seed=123456789012, default_height=768, default_width=1344, max_steps=150,
     min_guidance=0.5, max_guidance=20.0, max_prompt_chars=500, request_timeout_s=12.5, rank_timeout_s=0.25,
@@ -153,7 +154,7 @@ def test_a_filled_repository_config_reads_back_as_the_same_settings(tmp_path):
 
     from python_backend.serving.repository import fill_repository
 
-    repository = fill_repository(tmp_path / "repository", CHANGED)
+    repository = fill_repository(tmp_path / "repository", CHANGED)  # parallel_vae false: all four Python models
     for model in ("text_encoder", "denoiser", "vae_decoder"):
         config = text_format.Parse((repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         as_json = json_format.MessageToJson(config, preserving_proto_field_name=True)

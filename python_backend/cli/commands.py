@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--split-cfg", action="store_false", dest="no_split_cfg",
                      help="split the guidance halves over two rank groups (the default; overrides a recipe's "
                           "split_cfg = false)")
+    bld.add_argument("--parallel-vae", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --ranks > 1 the served rank group decodes the image, every rank its latent slab "
+                          "(default); --no-parallel-vae: the vae_decoder model decodes it on one device")
     bld.add_argument("--guidance", type=float, default=defaults.DEFAULT_GUIDANCE,
                      help="> 1 builds for a guided (CFG) batch; also the served default guidance")
     bld.add_argument("--num-images", type=int, default=1)
@@ -194,7 +197,7 @@ def _build(args) -> int:
             split_cfg=not args.no_split_cfg, engine=args.backend, engine_dir=str(folder.resolve()) if folder else "",
             sizes=f"{args.height}x{args.width}", default_steps=args.steps, default_guidance=args.guidance,
             default_scheduler=args.scheduler, default_height=args.height, default_width=args.width,
-            max_steps=args.max_steps, dtype=args.dtype,
+            max_steps=args.max_steps, dtype=args.dtype, parallel_vae=args.parallel_vae,
         )
         print(f"model repository ready at {fill_repository(args.repository, settings)}")
     return 0
@@ -238,6 +241,11 @@ def validate_generate_args(args):
     except LayoutError as error:
         limit = args.height // unit * (2 if shape.split else 1)
         raise UsageError(f"--ranks {args.ranks} is too many for --height {args.height} (at most {limit}): {error}") from None
+    latent_rows = args.height // info.vae_scale
+    if getattr(args, "parallel_vae", False) and args.ranks > latent_rows:
+        # the patch-parallel decoder gives every rank one latent row at least (its 3x3 halos)
+        raise UsageError(f"--ranks {args.ranks} is too many for the patch-parallel VAE at --height {args.height} "
+                         f"(at most {latent_rows}; or --height {args.ranks * info.vae_scale}, or --no-parallel-vae)")
     return info
 
 

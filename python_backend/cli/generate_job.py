@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.denoise import GenerationRequest
-from ..core.model import decode_latents, to_uint8
+from ..core.model import decode_latents, decoding_vae, to_uint8
 from ..core.patch_vae import ParallelVaeDecoder
 from ..core.parallel import ParallelConfig
 from ..core.ranks import RankGroup
@@ -41,6 +41,8 @@ class RunOutput:
 
 def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
     denoiser = load_denoiser(job.model, ranks, job.runs[0][1], job.dtype, job.engine, job.engine_dir)
+    if job.decode:
+        denoiser.pipe.vae = decoding_vae(denoiser.pipe.vae)
     decoder = _parallel_decoder(denoiser, ranks) if job.decode and job.parallel_vae and ranks.world_size > 1 else None
     outputs = []
     for request, parallel in job.runs:

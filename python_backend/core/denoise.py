@@ -50,6 +50,7 @@ class GenerationResult:
     unet_seconds: list[float] = field(default_factory=list)  # this rank's UNet time per step
     wait_seconds: float = 0.0  # time this rank spent waiting for layer exchanges
     events: list = field(default_factory=list)  # the layer exchange's log (ExchangeEvent)
+    image: torch.Tensor | None = None  # the decoded image [B, 3, H, W] in [-1, 1], where the ranks decoded
 
 
 UNetStep = Callable[[torch.Tensor, torch.Tensor, Conditioning, BufferTransport], torch.Tensor]

@@ -54,10 +54,18 @@ class BufferExchange:
     size: int  # ranks in ``group``
     step: int = 0
     record: bool = True
+    # False: a blocking gather's result goes to its caller only (a one-shot pass such as the VAE decoder,
+    # where nothing is read stale and every layer's gathered rows would otherwise live to the end)
+    retain: bool = True
     events: list[ExchangeEvent] = field(default_factory=list)
     _latest: dict[str, _Gather] = field(default_factory=dict)
     _queued: list = field(default_factory=list)  # (key, tensor, shapes) waiting for flush()
     clock: WaitClock = field(default_factory=WaitClock)  # time held up by collectives (blocking gathers, waits)
+
+    @property
+    def held_keys(self) -> list[str]:
+        """The keys whose latest gathered buffers this exchange keeps."""
+        return list(self._latest)
 
     @property
     def wait_seconds(self) -> float:
@@ -71,7 +79,8 @@ class BufferExchange:
         pending = self._launch(tensor, shapes, async_op=False)
         self.clock.end(started)
         self._log(key, "blocking", self.step, tensor)
-        self._latest[key] = pending
+        if self.retain:
+            self._latest[key] = pending
         return self._complete(pending)
 
     def start(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> None:

@@ -152,6 +152,23 @@ def encode_prompt(
     return Conditioning(embeds, None)
 
 
+def load_vae(path: str | os.PathLike, device: torch.device):
+    """The model folder's VAE alone, float32 on ``device``: what a decoding process (the ``vae_decoder``
+    model, a served rank that decodes its slab) loads, and what both decode in."""
+    from diffusers import AutoencoderKL
+
+    info = ModelInfo.read(path)
+    return AutoencoderKL.from_pretrained(str(info.path / "vae"), local_files_only=True).to(device).eval()
+
+
+def decoding_vae(vae):
+    """``vae`` fit to decode: upcast to float32 when its config asks (``force_upcast``, as the SDXL VAE
+    does: in float16 its last up blocks overflow), as diffusers' pipelines do before decoding."""
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return vae.to(torch.float32)
+    return vae
+
+
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """The VAE's image [B, 3, H, W] in [-1, 1] from final latents, as diffusers' pipelines decode."""
     mean = getattr(vae.config, "latents_mean", None)

@@ -92,7 +92,7 @@ class ParallelVaeDecoder:
 
     def __init__(self, vae: nn.Module, group, index: int, size: int):
         self.vae = vae
-        self.exchange = BufferExchange(group, index, size, record=False)
+        self.exchange = BufferExchange(group, index, size, record=False, retain=False)
         self.context = PatchContext(decoder_layout(size, size, index), self.exchange, mode=Mode.FULL_SYNC,
                                     warmup_steps=0)
         patch_vae_decoder(vae, self.context)

@@ -1,4 +1,6 @@
-"""Triton model ``denoiser``: conditioning + options -> final latents, on a patch-parallel rank group.
+"""Triton model ``denoiser``: conditioning + options -> final latents, on a patch-parallel rank group,
+and, where the rank group decodes (``parallel_vae`` with N > 1), the decoded image: every rank decodes
+its latent slab, so no process holds the full-resolution decoder activations.
 
 This model instance holds no rank: it starts every rank (one per device, rank 0 included) as a worker
 process and supervises them (``RankService``), so a rank that hangs or is torn down by NCCL costs the
@@ -47,6 +49,7 @@ class TritonPythonModel:
             device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None,
             python=os.environ.get("DISTRIFUSION_PYTHON") or _python_beside(sys.executable),
             rank_timeout_s=s.rank_timeout_s, dtype=s.dtype,
+            decode=s.decodes_on_ranks, decode_timeout_s=s.request_timeout_s,
             # every built size, shaped like a default request: no request pays a first call's costs
             warmup=warmup_requests(s.built_sizes, s.default_guidance, s.default_scheduler),
         )
@@ -148,6 +151,8 @@ class TritonPythonModel:
         if cancelled():
             pb_utils.Logger.log_warn("denoising request cancelled by the client before it started")
             raise triton_io.Stopped("request cancelled by the client before it started")
+        wanted = set(request.requested_output_names()) or {"latents"}
+        decode = "decoded" in wanted  # the output exists only where the rank group decodes
         self.service.ensure_ready()  # a restart after a worker died while idle is not this request's time
         started = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s
@@ -156,7 +161,8 @@ class TritonPythonModel:
             return cancelled() or time.monotonic() > deadline
 
         try:
-            result = self.service.generate(generation, Conditioning(embeds, added), should_stop=should_stop)
+            result = self.service.generate(generation, Conditioning(embeds, added), should_stop=should_stop,
+                                           decode=decode)
         except GenerationRefused as refused:  # every rank refused before the first step: the group is intact
             raise validation.InputError(f"this deployment cannot run the request: {refused}") from None
         except GenerationCancelled as stopped:
@@ -169,9 +175,13 @@ class TritonPythonModel:
         self.wait_seconds_total.increment(result.wait_seconds)
         self.last_step_seconds.set(sum(result.unet_seconds) / steps)
         self.last_wait_seconds.set(result.wait_seconds)
-        pb_utils.Logger.log_info(f"denoised {generation.height}x{generation.width}, {steps} steps in "
-                                 f"{time.perf_counter() - started:.2f} s on {self.service.config.world_size} rank(s)")
-        return {"latents": result.latents.float().cpu().numpy()}
+        pb_utils.Logger.log_info(f"denoised {generation.height}x{generation.width}, {steps} steps"
+                                 f"{' and decoded' if decode else ''} in {time.perf_counter() - started:.2f} s on "
+                                 f"{self.service.config.world_size} rank(s)")
+        outputs = {"latents": result.latents.float().cpu().numpy()}
+        if decode:
+            outputs["decoded"] = result.image.numpy()
+        return {name: value for name, value in outputs.items() if name in wanted}
 
     def finalize(self):
         self._closing.set()

@@ -32,7 +32,8 @@ from ..core.defaults import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_SCHEDULER,
 from ..core.denoise import (GenerationCancelled, GenerationRefused, GenerationRequest, GenerationResult,
                             PatchParallelDenoiser)
 from ..core.devices import set_cpu_threads
-from ..core.model import Conditioning
+from ..core.model import Conditioning, load_vae, vae_decode
+from ..core.patch_vae import ParallelVaeDecoder
 from ..core.parallel import ParallelConfig
 from ..core.placement import check_transportable, for_transport
 from ..core.ranks import LocalRendezvous, RankGroup, exit_now
@@ -56,6 +57,10 @@ class RankServiceConfig:
     # Served ranks load the UNet only: every request brings its conditioning (the text encoder model's).
     # True: every rank also loads the text encoders, so that a request may come without (tests).
     text_encoders: bool = False
+    # Every rank also loads the VAE (float32) and decodes its latent slab when a request asks for the
+    # image (core/patch_vae.py); then no process holds the full-resolution decoder activations.
+    decode: bool = False
+    decode_timeout_s: float = 600.0  # longest rank 0 may stay silent while the group decodes
     rank_timeout_s: float = 60.0  # longest any collective may wait for another rank (a dead or hung rank)
     start_timeout_s: float = 600.0  # longest a worker may take to start and load its model
     # Generations the whole group runs before it takes requests (on every start and restart), so that
@@ -98,6 +103,18 @@ def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
                          unet_only=not config.text_encoders)
 
 
+def _load_decoder(config: RankServiceConfig, ranks: RankGroup):
+    """``decode(latents, unit_rows) -> image`` for every rank of the group (each rank its slab), or None
+    when the group does not decode."""
+    if not config.decode:
+        return None
+    vae = load_vae(config.model, ranks.device)
+    if ranks.world_size == 1:
+        return lambda latents, unit_rows: vae_decode(vae, latents)
+    return ParallelVaeDecoder(vae, dist.group.WORLD, ranks.rank, ranks.world_size).decode
+
+
+DECODING = ("decoding",)  # rank 0 tells the service that the group decodes now (no step reports meanwhile)
 JOINING, LOADED = "joining", "loaded"  # what a worker reports to the service while it starts
 LEAVE = ("leave",)  # the service tells rank 0 to end the group
 GO, STOP = ("go",), ("stop",)  # the service's verdict on every step rank 0 reports: go on, or stop here
@@ -115,6 +132,7 @@ def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConf
         else:
             ranks = RankGroup.join(rank, config.world_size, rendezvous, config.device_kind, config.rank_timeout_s)
         denoiser = _load(config, ranks)
+        decoder = _load_decoder(config, ranks)
         log.info("model loaded on %s: %s", ranks.device, memory_in_use(ranks.device))
     except BaseException:
         report.send(traceback.format_exc())
@@ -123,9 +141,9 @@ def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConf
     report.close()
     try:
         if rank == 0:
-            _serve_requests(ranks, denoiser, requests)
+            _serve_requests(ranks, denoiser, decoder, requests)
         else:
-            _follow_rank0(ranks, denoiser)
+            _follow_rank0(ranks, denoiser, decoder)
         ranks.leave()  # every rank reached the end: no collective is torn down under another rank
     finally:
         ranks.close()
@@ -133,7 +151,7 @@ def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConf
 
 
 
-def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, requests) -> None:
+def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, decoder, requests) -> None:
     many = ranks.world_size > 1
     while True:
         try:
@@ -146,7 +164,7 @@ def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, requests)
             return
         if message in (GO, STOP):  # the verdict on a generation's last step, which nobody asked for
             continue
-        _, request, parallel, cond = message
+        _, request, parallel, cond, decode = message
         if many:
             _signal(ranks, more=True)  # tiny: never blocks on a stuck worker
             dist.broadcast_object_list([message], src=0, group=ranks.control)
@@ -160,6 +178,10 @@ def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, requests)
         try:
             result = denoiser.generate(request, parallel, cond=cond, stoppable=True, should_stop=stop_asked,
                                        on_step=lambda i, synchronous: requests.send(("step", i, synchronous)))
+            image = None
+            if decode:
+                requests.send(DECODING)
+                image = decoder(result.latents, denoiser.factor).float().cpu()
         except GenerationCancelled as stopped:
             requests.send(("cancelled", str(stopped)))
             continue
@@ -170,16 +192,18 @@ def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, requests)
             requests.send(("failed", traceback.format_exc()))
             raise  # a failure mid-generation may leave peers inside a collective: the group is replaced
         requests.send(("done", GenerationResult(latents=result.latents.float().cpu(), unet_seconds=result.unet_seconds,
-                                                wait_seconds=result.wait_seconds)))
+                                                wait_seconds=result.wait_seconds, image=image)))
 
 
-def _follow_rank0(ranks: RankGroup, denoiser: PatchParallelDenoiser) -> None:
+def _follow_rank0(ranks: RankGroup, denoiser: PatchParallelDenoiser, decoder) -> None:
     while _next_request_signalled(ranks):
         message = [None]
         dist.broadcast_object_list(message, src=0, group=ranks.control)
-        _, request, parallel, cond = message[0]
+        _, request, parallel, cond, decode = message[0]
         try:
-            denoiser.generate(request, parallel, cond=cond, stoppable=True)
+            result = denoiser.generate(request, parallel, cond=cond, stoppable=True)
+            if decode:
+                decoder(result.latents, denoiser.factor)  # rank 0 answers with the gathered image
         except GenerationCancelled:
             log.info("generation stopped by rank 0 at a step boundary")  # every rank left at the same one
         except GenerationRefused as refused:
@@ -311,15 +335,18 @@ class RankService:
     def _warm_up(self) -> None:
         requests = warmup_requests() if self.config.warmup is None else self.config.warmup
         parallel = replace(self.config.parallel, warmup_steps=1)  # one synchronous step, then asynchronous ones
-        for request in requests:
-            self._run(request, parallel, warmup_conditioning(self.config.model, request))
+        for request in requests:  # decoding too, where the group decodes: its first call is paid here as well
+            self._run(request, parallel, warmup_conditioning(self.config.model, request), decode=self.config.decode)
 
     def _run(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None = None,
-             on_step=None, should_stop=None) -> GenerationResult:
+             on_step=None, should_stop=None, decode: bool = False) -> GenerationResult:
         """Hands the request to rank 0 and follows it: after every step rank 0 reports, ``on_step`` runs and
         rank 0 is told to go on or stop (``should_stop``), as rank 0 itself decided when it lived here;
-        then the answer. Raises ``_GroupBroken`` when a rank dies or rank 0 falls silent."""
-        message = ("generate", request, parallel, for_transport(cond))  # host tensors: each rank places them
+        then the answer (with the image when ``decode``). Raises ``_GroupBroken`` when a rank dies or rank 0
+        falls silent."""
+        if decode and not self.config.decode:
+            raise ValueError("this rank group does not decode (RankServiceConfig.decode is false)")
+        message = ("generate", request, parallel, for_transport(cond), decode)  # host tensors: each rank places them
         check_transportable(message)
         try:
             self._rank0.send(message)
@@ -338,6 +365,9 @@ class RankService:
                     raise _GroupBroken(f"rank worker(s) {self._died()} died") from None
                 heard = time.monotonic()
                 kind = answer[0]
+                if answer == DECODING:  # one decode, no step reports: bounded by its own limit
+                    silence_limit = max(silence_limit, self.config.decode_timeout_s)
+                    continue
                 if kind == "step":
                     if on_step is not None:
                         on_step(answer[1], answer[2])
@@ -360,14 +390,15 @@ class RankService:
                 raise _GroupBroken(f"rank 0 sent nothing for {silence_limit:.0f} s (a rank hangs)")
 
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
-                 parallel: ParallelConfig | None = None, on_step=None, should_stop=None) -> GenerationResult:
-        """Runs one request on every rank. A rank that died (before or during it) or hangs longer than
+                 parallel: ParallelConfig | None = None, on_step=None, should_stop=None,
+                 decode: bool = False) -> GenerationResult:
+        """Runs one request on every rank (``decode``: the group also decodes, the result carries the image). A rank that died (before or during it) or hangs longer than
         ``rank_timeout_s`` fails this request with ``RankGroupFailed`` after the group is restarted; a
         request the ranks refuse before the first step raises ``GenerationRefused`` (no restart)."""
         parallel = parallel or self.config.parallel
         self.ensure_ready()
         try:
-            return self._run(request, parallel, cond, on_step, should_stop)
+            return self._run(request, parallel, cond, on_step, should_stop, decode)
         except _GroupBroken as broken:
             reason = str(broken)
             self._restart(reason)

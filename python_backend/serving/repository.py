@@ -19,9 +19,27 @@ log = logging.getLogger("distrifusion.repository")
 TEMPLATES = Path(str(importlib.resources.files("python_backend.serving") / "model_repository"))
 MODELS = ("text_encoder", "denoiser", "vae_decoder", "postprocess", "pipeline")
 
+# The ensemble's decoding, as the deployment decodes: the rank group itself (patch-parallel VAE), or
+# the vae_decoder model on rank 0's latents.
+DECODED_OUTPUT = ', { name: "decoded", data_type: TYPE_FP32, dims: [ -1, 3, -1, -1 ] }'
+DECODED_BY_DENOISER = 'output_map { key: "decoded" value: "decoded" }'
+DECODED_BY_VAE_DECODER = """output_map { key: "latents" value: "latents" }
+    },
+    {
+      model_name: "vae_decoder"
+      model_version: -1
+      input_map { key: "latents" value: "latents" }
+      output_map { key: "decoded" value: "decoded" }"""
+
+
+def served_models(settings: ServingSettings) -> tuple[str, ...]:
+    """The models a repository for ``settings`` holds: no ``vae_decoder`` where the rank group decodes,
+    so that no model instance can hold the full-resolution decoder activations."""
+    return tuple(m for m in MODELS if not (m == "vae_decoder" and settings.decodes_on_ranks))
+
 
 def fill_repository(out: Path, settings: ServingSettings) -> Path:
-    """Copies the five models into ``out`` and writes ``settings`` into each Python model's config."""
+    """Copies the served models into ``out`` and writes ``settings`` into each Python model's config."""
     if not TEMPLATES.is_dir():
         raise FileNotFoundError(f"model repository templates not found at {TEMPLATES}")
     out.mkdir(parents=True, exist_ok=True)
@@ -30,15 +48,26 @@ def fill_repository(out: Path, settings: ServingSettings) -> Path:
         for key, value in settings.as_parameters().items()
     )
     queue = queue_policy(settings)
+    on_ranks = settings.decodes_on_ranks
+    filled = {"# PARAMETERS": parameters, "# QUEUE": queue,
+              "# DECODED_OUTPUT": DECODED_OUTPUT if on_ranks else "",
+              "# DECODE_STEP": DECODED_BY_DENOISER if on_ranks else DECODED_BY_VAE_DECODER}
+    models = served_models(settings)
     for model in MODELS:
         target = out / model
         if target.exists():
             shutil.rmtree(target)
+        if model not in models:
+            continue
         shutil.copytree(TEMPLATES / model, target, ignore=shutil.ignore_patterns("__pycache__"))
         config = target / "config.pbtxt"
-        config.write_text(config.read_text().replace("# PARAMETERS", parameters).replace("# QUEUE", queue))
-    log.info("model repository ready at %s (%d rank(s), %s, sizes %s)", out, settings.ranks, settings.engine,
-             settings.sizes)
+        text = config.read_text()
+        for placeholder, value in filled.items():
+            text = text.replace(placeholder, value)
+        config.write_text(text)
+    log.info("model repository ready at %s (%d rank(s), %s, sizes %s; decoding %s)", out, settings.ranks,
+             settings.engine, settings.sizes,
+             "patch-parallel on the rank group" if on_ranks else "on one device (vae_decoder)")
     return out
 
 

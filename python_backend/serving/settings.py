@@ -21,6 +21,10 @@ class ServingSettings:
     mode: str = defaults.DEFAULT_MODE_NAME
     warmup_steps: int = defaults.DEFAULT_WARMUP_STEPS
     split_cfg: bool = True
+    # With more than one rank, the denoiser's rank group decodes the image too (each rank its slab,
+    # core/patch_vae.py): the ensemble passes an image, and the repository has no vae_decoder model.
+    # false: rank 0's latents go to the vae_decoder model, which decodes on one device.
+    parallel_vae: bool = True
     engine: str = "torch"
     engine_dir: str = ""
     device: str = "auto"
@@ -90,6 +94,11 @@ class ServingSettings:
             return self.max_request_bytes
         pixels = max((h * w for h, w in self.built_sizes), default=0)
         return max(4 << 20, 2 * 3 * pixels * 4 + (1 << 20))
+
+    @property
+    def decodes_on_ranks(self) -> bool:
+        """Whether the rank group decodes (``parallel_vae`` with more than one rank)."""
+        return self.parallel_vae and self.ranks > 1
 
     @property
     def built_sizes(self) -> list[tuple[int, int]]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..core.model import vae_decode
+from ..core.model import load_vae, vae_decode
 from ..core.devices import resolve_device_kind
 from . import triton_io, validation
 from .settings import ServingSettings, cpu_threads
@@ -14,14 +12,11 @@ from .settings import ServingSettings, cpu_threads
 
 class TritonPythonModel:
     def initialize(self, args):
-        from diffusers import AutoencoderKL
-
         self.settings = settings = ServingSettings.from_model_config(args["model_config"])
         self.shapes = validation.TensorShapes.read(settings.model_dir)
         cpu_threads(settings)
         device = resolve_device_kind(settings.device)
-        self.vae = AutoencoderKL.from_pretrained(os.path.join(settings.model_dir, "vae"), local_files_only=True)
-        self.vae = self.vae.to(device).eval()
+        self.vae = load_vae(settings.model_dir, torch.device(device))
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         for height, width in settings.built_sizes:  # warm-up: the first request pays no first call's costs
             vae_decode(self.vae, torch.zeros(1, self.vae.config.latent_channels, height // factor, width // factor))
