@@ -32,7 +32,7 @@ from ..core.defaults import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_SCHEDULER,
 from ..core.denoise import (GenerationCancelled, GenerationRefused, GenerationRequest, GenerationResult,
                             PatchParallelDenoiser)
 from ..core.devices import set_cpu_threads
-from ..core.model import Conditioning, load_vae, vae_decode
+from ..core.model import Conditioning, load_vae
 from ..core.patch_vae import ParallelVaeDecoder
 from ..core.parallel import ParallelConfig
 from ..core.placement import check_transportable, for_transport
@@ -108,10 +108,8 @@ def _load_decoder(config: RankServiceConfig, ranks: RankGroup):
     when the group does not decode."""
     if not config.decode:
         return None
-    vae = load_vae(config.model, ranks.device)
-    if ranks.world_size == 1:
-        return lambda latents, unit_rows: vae_decode(vae, latents)
-    return ParallelVaeDecoder(vae, dist.group.WORLD, ranks.rank, ranks.world_size).decode
+    group = dist.group.WORLD if ranks.world_size > 1 else None
+    return ParallelVaeDecoder(load_vae(config.model, ranks.device), group, ranks.rank, ranks.world_size).decode
 
 
 DECODING = ("decoding",)  # rank 0 tells the service that the group decodes now (no step reports meanwhile)
@@ -392,9 +390,10 @@ class RankService:
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
                  parallel: ParallelConfig | None = None, on_step=None, should_stop=None,
                  decode: bool = False) -> GenerationResult:
-        """Runs one request on every rank (``decode``: the group also decodes, the result carries the image). A rank that died (before or during it) or hangs longer than
-        ``rank_timeout_s`` fails this request with ``RankGroupFailed`` after the group is restarted; a
-        request the ranks refuse before the first step raises ``GenerationRefused`` (no restart)."""
+        """Runs one request on every rank (``decode``: the group also decodes, the result carries the
+        image). A rank that died (before or during it) or hangs longer than ``rank_timeout_s`` fails this
+        request with ``RankGroupFailed`` after the group is restarted; a request the ranks refuse before
+        the first step raises ``GenerationRefused`` (no restart)."""
         parallel = parallel or self.config.parallel
         self.ensure_ready()
         try:
