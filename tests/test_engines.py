@@ -102,7 +102,7 @@ def test_changing_any_key_field_rebuilds(tiny_sdxl, engine_root, tmp_path):
     base = BuildRequest(str(tiny_sdxl), 128, 128, 2, split_cfg=False)
     key, _ = cache_key(base)
     changes = {"height": 256, "width": 256, "ranks": 4, "mode": "stale_gn", "precision": "fp16",
-               "split_cfg": True, "num_images": 2, "cut": "down0+down1,down2,mid,up0,up1+up2"}
+               "split_cfg": True, "num_images": 2, "cut": "down0+down1,down2,mid,up0,up1+up2", "parallel_vae": True}
     for field, value in changes.items():
         assert cache_key(dataclasses.replace(base, **{field: value}))[0] != key, field
     # New weights, same everything else: copy the model and change one byte of the UNet.
@@ -113,6 +113,15 @@ def test_changing_any_key_field_rebuilds(tiny_sdxl, engine_root, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert cache_key(dataclasses.replace(base, model=str(copy)))[0] != key
+    # The VAE's weights matter only to a build that holds decoder pieces.
+    vae = next((copy / "vae").glob("*.safetensors"))
+    shutil.copy(next((tiny_sdxl / "unet").glob("*.safetensors")), weights)
+    data = bytearray(vae.read_bytes())
+    data[-1] ^= 1
+    vae.write_bytes(bytes(data))
+    assert cache_key(dataclasses.replace(base, model=str(copy)))[0] == key
+    with_decoder = dataclasses.replace(base, parallel_vae=True)
+    assert cache_key(dataclasses.replace(with_decoder, model=str(copy)))[0] != cache_key(with_decoder)[0]
     # And a real rebuild lands in a new folder.
     rebuilt = build(dataclasses.replace(base, cut="down0+down1,down2,mid,up0,up1+up2"), engine_root, progress=False)
     assert rebuilt != build(base, engine_root, progress=False)

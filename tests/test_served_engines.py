@@ -1,5 +1,6 @@
 """What a user of engines runs, through the command line and the real server: ``distrifusion build
---backend onnxruntime --repository``, ``generate --engine onnxruntime``, and ``serve`` on that repository.
+--backend onnxruntime --repository``, ``generate --engine onnxruntime``, and ``serve`` on that repository
+(the UNet's segments and, the group decoding, every rank's VAE decoder pieces).
 
 One build serves every test here (2 CPU ranks, one patch group of two slabs, 128x128, 3 steps of which
 one is a synchronous warm-up step, so two steps run on the engines).
@@ -15,7 +16,7 @@ from PIL import Image
 from conftest import group_restarts, rank_workers, relative_l2
 from python_backend.cli import main
 
-pytestmark = pytest.mark.slow  # one build, two generations and a server: about 1.5 min on 2 cores
+pytestmark = pytest.mark.slow  # one build, two generations and a server: about 2 min on 2 cores
 
 SIZE, STEPS, WARMUP, RANKS, SEED, GUIDANCE = 128, 3, 1, 2, 42, 5.0
 PROMPT = "a photo of an astronaut riding a horse"
@@ -58,6 +59,10 @@ def test_build_writes_every_ranks_segments_and_a_repository_that_decodes_on_the_
         files = [manifest["embed"]["file"], *(s["file"] for s in manifest["segments"])]
         assert len(files) == 1 + 7
         assert all((build / f"patch{index}" / name).is_file() for name in files)
+        # and, the rank group decoding (the default), this rank's VAE decoder pieces (tests/test_vae_engines.py)
+        decoder = json.loads((build / "vae" / f"rank{index}" / "manifest.json").read_text())
+        assert decoder["size"] == RANKS and decoder["latent_shape"] == [1, 4, SIZE // 8, SIZE // 8]
+        assert all((build / "vae" / f"rank{index}" / e["file"]).is_file() for e in decoder["program"] if "file" in e)
     repository = cli_run["repository"]
     # N > 1: the rank group decodes (parallel VAE, the default), so there is no single-device vae_decoder
     assert sorted(p.name for p in repository.iterdir()) == ["denoiser", "pipeline", "postprocess", "text_encoder"]
@@ -116,6 +121,7 @@ def test_served_engine_image_equals_the_command_lines(cli_run):
     np.testing.assert_array_equal(served, command_line)
     np.testing.assert_array_equal(explicit, command_line)
     assert f"denoised {SIZE}x{SIZE}, {STEPS} steps" in log
+    assert "the VAE decoder runs on the build's onnxruntime pieces" in log
 
 
 def _refused_then_served(ranks, model, engine_dir):

@@ -159,7 +159,7 @@ def _build_request(args, backend: str, precision: str | None):
     return BuildRequest(
         model=str(args.model), height=args.height, width=args.width, ranks=args.ranks, backend=backend,
         precision=precision, mode=args.mode, split_cfg=not args.no_split_cfg, guided=args.guidance > 1,
-        num_images=args.num_images, cut=getattr(args, "cut", None),
+        num_images=args.num_images, cut=getattr(args, "cut", None), parallel_vae=args.parallel_vae,
     )
 
 

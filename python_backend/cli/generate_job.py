@@ -11,10 +11,9 @@ import numpy as np
 
 from ..core.denoise import GenerationRequest
 from ..core.model import decode_latents, decoding_vae, to_uint8
-from ..core.patch_vae import ParallelVaeDecoder
 from ..core.parallel import ParallelConfig
 from ..core.ranks import RankGroup
-from ..engines.loader import load_denoiser
+from ..engines.loader import load_denoiser, load_parallel_decoder
 
 log = logging.getLogger("distrifusion.generate")
 
@@ -43,7 +42,9 @@ def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
     denoiser = load_denoiser(job.model, ranks, job.runs[0][1], job.dtype, job.engine, job.engine_dir)
     if job.decode:
         denoiser.pipe.vae = decoding_vae(denoiser.pipe.vae)
-    decoder = _parallel_decoder(denoiser, ranks) if job.decode and job.parallel_vae and ranks.world_size > 1 else None
+    decoder = None
+    if job.decode and job.parallel_vae and ranks.world_size > 1:
+        decoder = load_parallel_decoder(job.model, ranks, job.engine, job.engine_dir, vae=denoiser.pipe.vae)
     outputs = []
     for request, parallel in job.runs:
         progress = _StepProgress(request, parallel, ranks) if job.progress and ranks.rank == 0 else None
@@ -67,10 +68,6 @@ def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
     return outputs
 
 
-def _parallel_decoder(denoiser, ranks: RankGroup) -> ParallelVaeDecoder:
-    import torch.distributed as dist
-
-    return ParallelVaeDecoder(denoiser.pipe.vae, dist.group.WORLD, ranks.rank, ranks.world_size)
 
 
 class _StepProgress:

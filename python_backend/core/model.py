@@ -43,6 +43,7 @@ class ModelInfo:
     family: str  # "sdxl" or "sd"
     downsampling_factor: int  # latent rows per patch unit
     vae_scale: int  # pixels per latent row
+    latent_channels: int = 4
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "ModelInfo":
@@ -59,6 +60,7 @@ class ModelInfo:
             family=family,
             downsampling_factor=unet_downsampling_factor(unet_config),
             vae_scale=vae_scale_factor(vae_config),
+            latent_channels=vae_config.get("latent_channels", 4),
         )
 
 
@@ -171,17 +173,20 @@ def decoding_vae(vae):
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """The VAE's image [B, 3, H, W] in [-1, 1] from final latents, as diffusers' pipelines decode."""
+    latents = unscale_latents(vae, latents.to(vae.device, vae.dtype))
+    with torch.no_grad():
+        return vae.decode(latents, return_dict=False)[0]
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The denoiser's latents in the VAE's own scale (diffusers' pipelines: std/scaling, then the mean)."""
     mean = getattr(vae.config, "latents_mean", None)
     std = getattr(vae.config, "latents_std", None)
-    latents = latents.to(vae.device, vae.dtype)
     if mean is not None and std is not None:
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    with torch.no_grad():
-        return vae.decode(latents, return_dict=False)[0]
+        return latents * std / vae.config.scaling_factor + mean
+    return latents / vae.config.scaling_factor
 
 
 def to_uint8(image: torch.Tensor):

@@ -88,14 +88,19 @@ class ParallelVaeDecoder:
     """Decodes final latents on every rank of ``group`` together: each rank its slab, exactly.
 
     Every rank calls :meth:`decode` with the same full latents; each returns the whole image (the slabs
-    gathered in order). ``group`` is a torch.distributed group (None with a single rank)."""
+    gathered in order). ``group`` is a torch.distributed group (None with a single rank). With
+    ``engine`` (this rank's ``engines.vae_segments.SegmentedVaeDecoder``), the slab is decoded by the
+    built pieces and ``vae`` may be None; else ``vae`` is patched and runs eagerly."""
 
-    def __init__(self, vae: nn.Module, group, index: int, size: int):
-        self.vae = vae
+    def __init__(self, vae: nn.Module | None, group, index: int, size: int, engine=None):
+        if vae is None and engine is None:
+            raise ValueError("a parallel decoder needs a VAE or its built engines")
+        self.vae, self.engine = vae, engine
         self.exchange = BufferExchange(group, index, size, record=False, retain=False)
         self.context = PatchContext(decoder_layout(size, size, index), self.exchange, mode=Mode.FULL_SYNC,
                                     warmup_steps=0)
-        patch_vae_decoder(vae, self.context)
+        if engine is None:
+            patch_vae_decoder(vae, self.context)
 
     @property
     def size(self) -> int:
@@ -108,7 +113,11 @@ class ParallelVaeDecoder:
         self.context.layout = layout
         self.context.begin_generation()
         start, stop = layout.row_range(latents.shape[2])
-        image_slab = vae_decode(self.vae, latents[:, :, start:stop])
+        if self.engine is not None:
+            self.engine.check(tuple(latents.shape), (start, stop))
+            image_slab = self.engine.decode_slab(latents[:, :, start:stop], self.exchange)
+        else:
+            image_slab = vae_decode(self.vae, latents[:, :, start:stop])
         shapes = [tuple(image_slab.shape[:2]) + (rows, image_slab.shape[3])
                   for rows in layout.scaled(image_slab.shape[2])]
         slabs = self.exchange.gather("decoder.image", image_slab.contiguous(), shapes)

@@ -1,7 +1,9 @@
 """``distrifusion build``: a model folder -> per-rank ONNX segments (-> TensorRT engines), cached.
 
 The cache key covers everything the result depends on: the UNet's weights and config, resolution,
-rank layout, batch, mode, cut, backend, precision and tool versions (and the GPU for TensorRT). A
+rank layout, batch, mode, cut, backend, precision and tool versions (and the GPU for TensorRT), and,
+where every rank decodes its slab (``parallel_vae`` with N > 1), the VAE's weights and the decoder's
+slabs: those builds also hold each rank's VAE decoder pieces under ``vae/rank{r}`` (float32). A
 second identical build finds ``build.json`` under its key and reuses everything.
 """
 
@@ -44,6 +46,7 @@ class BuildRequest:
     guided: bool = True
     num_images: int = 1
     cut: str | None = None
+    parallel_vae: bool = False  # also build each rank's VAE decoder pieces (with more than one rank)
 
     def patches_and_batch(self) -> tuple[int, int]:
         """Slabs per patch group and the UNet batch on each rank."""
@@ -51,10 +54,10 @@ class BuildRequest:
         return shape.patches, shape.batch
 
 
-def weights_digest(model: Path) -> str:
-    """sha256 over the UNet folder's files (config and weights)."""
+def weights_digest(model: Path, component: str = "unet") -> str:
+    """sha256 over a component folder's files (config and weights)."""
     digest = hashlib.sha256()
-    for path in sorted((model / "unet").iterdir()):
+    for path in sorted((model / component).iterdir()):
         if path.is_file():
             digest.update(path.name.encode())
             with path.open("rb") as f:
@@ -91,9 +94,22 @@ def cache_key(request: BuildRequest) -> tuple[str, dict]:
         "weights": weights_digest(info.path), "height": request.height, "width": request.width,
         "units": list(layout.units), "batch": batch, "mode": request.mode, "cut": request.cut,
         "backend": request.backend, "precision": request.precision, "versions": tool_versions(request.backend),
+        "decoder": decoder_fields(request, info),
     }
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return key, fields
+
+
+def decoder_fields(request: BuildRequest, info: ModelInfo) -> dict | None:
+    """What the decoder pieces depend on, or None where the build has none (one rank, or no parallel VAE)."""
+    if not (request.parallel_vae and request.ranks > 1):
+        return None
+    from .vae_segments import VAE_EXPORT_FORMAT
+
+    latents = [request.num_images, info.latent_channels, request.height // info.vae_scale,
+               request.width // info.vae_scale]
+    return {"vae": weights_digest(info.path, "vae"), "ranks": request.ranks, "latents": latents,
+            "unit_rows": info.downsampling_factor, "format": VAE_EXPORT_FORMAT}
 
 
 def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, progress: bool = True) -> Path:
@@ -131,8 +147,38 @@ def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, p
                 build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), folder / "timing.cache")
                 bar.update(1)
     bar.close()
+    if fields["decoder"] is not None:
+        _build_decoders(request, fields["decoder"], folder, progress)
     seconds = time.perf_counter() - started
     (folder / "build.json").write_text(json.dumps({"key": key, "request": asdict(request), "fields": fields,
                                                    "seconds": round(seconds, 2)}, indent=1))
     log.info("built %s in %.1f s", key, seconds)
     return folder
+
+
+def _build_decoders(request: BuildRequest, fields: dict, folder: Path, progress: bool) -> None:
+    """Every rank's VAE decoder pieces (float32), compiled for TensorRT where asked."""
+    from tqdm import tqdm
+
+    from ..core.model import load_vae
+    from .vae_segments import export_decoder
+
+    vae = load_vae(request.model, torch.device("cpu"))
+    for rank in range(fields["ranks"]):
+        rank_dir = folder / "vae" / f"rank{rank}"
+        with tqdm(desc=f"exporting rank {rank}'s VAE decoder pieces", unit="graph", file=sys.stderr,
+                  disable=not progress) as bar:
+            def advance(done, total):
+                bar.total = total
+                bar.update(1)
+
+            manifest = export_decoder(vae, tuple(fields["latents"]), fields["ranks"], rank, fields["unit_rows"],
+                                      rank_dir, progress=advance)
+        log.info("rank %d's VAE decoder: %d pieces between %d blocking gathers", rank,
+                 sum(1 for e in manifest["program"] if "file" in e), sum(1 for e in manifest["program"] if "gather" in e))
+        if request.backend == "tensorrt":
+            from .runners import build_tensorrt_engine
+
+            for onnx_file in tqdm(sorted(rank_dir.glob("*.onnx")), desc=f"compiling rank {rank}'s decoder pieces",
+                                  unit="engine", file=sys.stderr, disable=not progress):
+                build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), folder / "timing.cache")

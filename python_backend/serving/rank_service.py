@@ -32,12 +32,11 @@ from ..core.defaults import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_SCHEDULER,
 from ..core.denoise import (GenerationCancelled, GenerationRefused, GenerationRequest, GenerationResult,
                             PatchParallelDenoiser)
 from ..core.devices import set_cpu_threads
-from ..core.model import Conditioning, load_vae
-from ..core.patch_vae import ParallelVaeDecoder
+from ..core.model import Conditioning
 from ..core.parallel import ParallelConfig
 from ..core.placement import check_transportable, for_transport
 from ..core.ranks import LocalRendezvous, RankGroup, exit_now
-from ..engines.loader import load_denoiser
+from ..engines.loader import load_denoiser, load_parallel_decoder
 from .signals import FAILED, READY, RESTARTING, STARTING
 
 log = logging.getLogger("distrifusion.rank_service")
@@ -108,8 +107,7 @@ def _load_decoder(config: RankServiceConfig, ranks: RankGroup):
     when the group does not decode."""
     if not config.decode:
         return None
-    group = dist.group.WORLD if ranks.world_size > 1 else None
-    return ParallelVaeDecoder(load_vae(config.model, ranks.device), group, ranks.rank, ranks.world_size).decode
+    return load_parallel_decoder(config.model, ranks, config.engine, config.engine_dir).decode
 
 
 DECODING = ("decoding",)  # rank 0 tells the service that the group decodes now (no step reports meanwhile)
