@@ -1,7 +1,7 @@
 """Patch-parallel VAE decoding with the real SDXL VAE architecture (random weights): peak activation
 memory and decode time per rank, N = 1, 2, 4, 8, side by side in one run.
 
-    python benchmarks/vae_memory.py [--sizes 1024] [--ranks 1 2 4 8] [--threads 1]
+    python benchmarks/vae_memory.py [--sizes 1024] [--ranks 1 2 4 8] [--threads 1] [--engine onnxruntime]
 
 Every N runs as a real gloo process group on this machine's CPU (all ranks at once). Per rank:
 "activations" is the process's peak resident memory during the decode (Linux VmHWM, reset just before
@@ -12,6 +12,11 @@ returns every freed large block at once and the peak resident size is the peak o
 malloc's retained heap (the VAE's float32 weights are also listed). Time is the decode's
 wall time on that rank; with more ranks than cores they share the CPU, so time per rank here says
 little about a GPU per rank, memory says what it would hold. Prints a table and one JSON line.
+
+``--engine onnxruntime``: with N > 1 each rank first exports its decoder pieces (engines/vae_segments.py,
+into a scratch folder, not timed) and decodes on them, as a served group with a build does; the warm-up
+is then one decode at the measured size (the pieces have static shapes). N = 1 stays the eager
+single-device decode, the reference every ratio is taken against.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -43,7 +50,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _decode_job(ranks, size: int) -> list[dict]:
+def _decode_job(ranks, size: int, engine: str, scratch: str) -> list[dict]:
     import torch.distributed as dist
     from diffusers import AutoencoderKL
 
@@ -54,15 +61,28 @@ def _decode_job(ranks, size: int) -> list[dict]:
     vae = AutoencoderKL(**SDXL_VAE).eval()
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
-    if ranks.world_size > 1:
+    warmup = torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS)
+    if ranks.world_size > 1 and engine != "torch":
+        from pathlib import Path
+
+        from python_backend.engines.vae_segments import SegmentedVaeDecoder, export_decoder
+
+        folder = Path(scratch) / f"{size}-{ranks.world_size}" / f"rank{ranks.rank}"
+        export_decoder(vae, tuple(latents.shape), ranks.world_size, ranks.rank, 1, folder)
+        pieces = SegmentedVaeDecoder(folder, engine, ranks.world_size)
+        del vae  # a rank decoding on pieces holds no torch VAE
+        decode = ParallelVaeDecoder(None, dist.group.WORLD, ranks.rank, ranks.world_size, engine=pieces).decode
+        warmup = torch.zeros_like(latents)  # static shapes: the warm-up decode is a full one
+        dist.barrier()
+    elif ranks.world_size > 1:
         decoder = ParallelVaeDecoder(vae, dist.group.WORLD, ranks.rank, ranks.world_size)
         decode = decoder.decode
         dist.barrier()
     else:
         def decode(z):
             return vae_decode(vae, z)
-    with torch.no_grad():  # a small decode first, as a served group warms up: libraries' first-call costs
-        decode(torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS))
+    with torch.no_grad():  # a decode first, as a served group warms up: libraries' first-call costs
+        decode(warmup)
     before = _status_kib("VmRSS")
     _reset_peak()
     started = time.perf_counter()
@@ -84,6 +104,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+    parser.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                        help="what decodes the slabs with N > 1: the eager patched VAE or its ONNX Runtime pieces")
     args = parser.parse_args()
 
     from python_backend.core.ranks import run_on_ranks
@@ -91,19 +113,22 @@ def main() -> int:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when each rank process starts
 
     results = []
+    scratch = tempfile.mkdtemp(prefix="vae-pieces-")
     for size in args.sizes:
         single = None
-        print(f"\nSDXL VAE decoder, {size}x{size} image, float32, {args.threads} thread(s) per rank")
+        print(f"\nSDXL VAE decoder, {size}x{size} image, float32, {args.threads} thread(s) per rank, slabs "
+              f"decoded by {args.engine} (N = 1: eager)")
         print(f"{'N':>3} {'max activations/rank':>21} {'x single':>9} {'target 1.3/N':>13} {'max decode s/rank':>18}")
         for n in args.ranks:
-            ranks = run_on_ranks(n, _decode_job, (size,), "cpu", args.threads)
+            ranks = run_on_ranks(n, _decode_job, (size, args.engine, scratch), "cpu", args.threads)
             peak = max(r["activations_bytes"] for r in ranks)
             seconds = max(r["seconds"] for r in ranks)
             single = peak if n == 1 else single
             ratio = f"{peak / single:.3f}" if single else "-"
             print(f"{n:>3} {peak / 2**20:>17.0f} MiB {ratio:>9} {1.3 / n:>13.3f} {seconds:>18.1f}", flush=True)
-            results.append({"size": size, "ranks": n, "per_rank": ranks})
+            results.append({"size": size, "ranks": n, "engine": args.engine if n > 1 else "torch", "per_rank": ranks})
         print(f"weights per rank: {ranks[0]['weights_bytes'] / 2**20:.0f} MiB (float32)")
+    shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(results))
     return 0
 

@@ -15,13 +15,19 @@ log = logging.getLogger("distrifusion.runners")
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, path: str | Path, threads: int | None = None):
+    """``arena=False``: the session frees its intermediates after every run instead of keeping its peak in
+    an arena of its own (for graphs that run once per request, such as the decoder's many pieces, whose
+    arenas would otherwise together hold far more than one decode needs)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, arena: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = arena
+        options.enable_mem_pattern = arena
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -81,9 +87,9 @@ def build_tensorrt_engine(onnx_path: Path, engine_path: Path, timing_cache: Path
     build()
 
 
-def make_runner(backend: str, path: Path):
+def make_runner(backend: str, path: Path, arena: bool = True):
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path)
+        return OnnxRuntimeRunner(path, arena=arena)
     if backend == "tensorrt":
         return TensorRTRunner(path)
     raise ValueError(f"unknown engine backend {backend!r}; allowed: onnxruntime, tensorrt")

@@ -221,7 +221,9 @@ class SegmentedVaeDecoder:
                              f"(format {self.manifest.get('format')}); this group has {world_size} (format "
                              f"{VAE_EXPORT_FORMAT}): rebuild with `distrifusion build`")
         suffix = ".onnx" if backend == "onnxruntime" else ".plan"
-        self.runners = {entry["file"]: make_runner(backend, self.folder / Path(entry["file"]).with_suffix(suffix))
+        # no ONNX Runtime arenas: each of the many pieces would keep its own peak (runners.OnnxRuntimeRunner)
+        self.runners = {entry["file"]: make_runner(backend, self.folder / Path(entry["file"]).with_suffix(suffix),
+                                                   arena=False)
                         for entry in self.manifest["program"] if "file" in entry}
 
     def check(self, latent_shape: tuple[int, ...], rows: tuple[int, int]) -> None:
