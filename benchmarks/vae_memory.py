@@ -2,6 +2,7 @@
 memory and decode time per rank, N = 1, 2, 4, 8, side by side in one run.
 
     python benchmarks/vae_memory.py [--sizes 1024] [--ranks 1 2 4 8] [--threads 1] [--engine onnxruntime]
+    python benchmarks/vae_memory.py --sizes 4096 --ranks 8 --lone
 
 Every N runs as a real gloo process group on this machine's CPU (all ranks at once). Per rank:
 "activations" is the process's peak resident memory during the decode (Linux VmHWM, reset just before
@@ -17,6 +18,11 @@ little about a GPU per rank, memory says what it would hold. Prints a table and 
 into a scratch folder, not timed) and decodes on them, as a served group with a build does; the warm-up
 is then one decode at the measured size (the pieces have static shapes). N = 1 stays the eager
 single-device decode, the reference every ratio is taken against.
+
+``--lone``: where N ranks at once do not fit in this machine's memory, one rank (the middle one)
+decodes its slab alone in this process, the other slabs' halo rows, moments and keys/values stood in by
+its own (resized to their shapes): the same shapes, so the same memory and computation as in a real
+group, but not the image. No ratio is printed where N = 1 is not in the run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -37,6 +44,7 @@ SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=False)
 
 
+MMAP_THRESHOLD = "65536"
 WARMUP_LATENT_ROWS = 16  # a 128x128 image: 2 latent rows per rank at N = 8
 
 
@@ -99,6 +107,60 @@ def _decode_job(ranks, size: int, engine: str, scratch: str) -> list[dict]:
     return everyone
 
 
+class _LoneRankExchange:
+    """The exchange of a rank decoding alone: every slab's data is this rank's own, cut or repeated to
+    that slab's shape (values do not matter for memory and time; shapes do)."""
+
+    step = 0
+
+    def __init__(self, index: int, size: int):
+        self.index, self.size = index, size
+
+    def gather(self, key, tensor, shapes):
+        return [tensor if tuple(shape) == tuple(tensor.shape) else _resized(tensor, shape) for shape in shapes]
+
+    def reset(self):
+        """Nothing is held."""
+
+    def drain(self):
+        """Nothing is in flight."""
+
+
+def _resized(tensor: torch.Tensor, shape) -> torch.Tensor:
+    for dim, length in enumerate(shape):
+        if tensor.shape[dim] < length:
+            repeats = [1] * tensor.ndim
+            repeats[dim] = -(-length // tensor.shape[dim])
+            tensor = tensor.repeat(*repeats)
+        tensor = tensor.narrow(dim, 0, length)
+    return tensor.contiguous()
+
+
+def _lone_job(ranks, size: int, world_size: int) -> list[dict]:
+    from diffusers import AutoencoderKL
+
+    from python_backend.core.patch_vae import ParallelVaeDecoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SDXL_VAE).eval()
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    index = world_size // 2
+    decoder = ParallelVaeDecoder(vae, None, index, world_size)
+    decoder.exchange = decoder.context.exchange = _LoneRankExchange(index, world_size)
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        decoder.decode(torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS))
+    before = _status_kib("VmRSS")
+    _reset_peak()
+    started = time.perf_counter()
+    with torch.no_grad():
+        image = decoder.decode(latents)
+    seconds = time.perf_counter() - started
+    peak = _status_kib("VmHWM")
+    return [{"rank": index, "alone": True, "activations_bytes": (peak - before) * 1024, "seconds": seconds,
+             "weights_bytes": weights, "image_shape": list(image.shape)}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
@@ -106,11 +168,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     parser.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
                         help="what decodes the slabs with N > 1: the eager patched VAE or its ONNX Runtime pieces")
+    parser.add_argument("--lone", action="store_true",
+                        help="with N > 1, the middle rank decodes alone (the others' data stood in by its own)")
     args = parser.parse_args()
+    if args.lone and args.engine != "torch":
+        parser.error("--lone decodes eagerly (the pieces would be exported at the full size first)")
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
+        # glibc reads it when a process starts: this one too (N = 1 and --lone decode here), not only the ranks
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+        os.execv(sys.executable, [sys.executable, *sys.argv])
 
     from python_backend.core.ranks import run_on_ranks
-
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when each rank process starts
 
     results = []
     scratch = tempfile.mkdtemp(prefix="vae-pieces-")
@@ -120,12 +189,16 @@ def main() -> int:
               f"decoded by {args.engine} (N = 1: eager)")
         print(f"{'N':>3} {'max activations/rank':>21} {'x single':>9} {'target 1.3/N':>13} {'max decode s/rank':>18}")
         for n in args.ranks:
-            ranks = run_on_ranks(n, _decode_job, (size, args.engine, scratch), "cpu", args.threads)
+            if args.lone and n > 1:
+                ranks = run_on_ranks(1, _lone_job, (size, n), "cpu", args.threads)
+            else:
+                ranks = run_on_ranks(n, _decode_job, (size, args.engine, scratch), "cpu", args.threads)
             peak = max(r["activations_bytes"] for r in ranks)
             seconds = max(r["seconds"] for r in ranks)
             single = peak if n == 1 else single
             ratio = f"{peak / single:.3f}" if single else "-"
-            print(f"{n:>3} {peak / 2**20:>17.0f} MiB {ratio:>9} {1.3 / n:>13.3f} {seconds:>18.1f}", flush=True)
+            alone = "  (rank %d alone)" % ranks[0]["rank"] if ranks[0].get("alone") else ""
+            print(f"{n:>3} {peak / 2**20:>17.0f} MiB {ratio:>9} {1.3 / n:>13.3f} {seconds:>18.1f}{alone}", flush=True)
             results.append({"size": size, "ranks": n, "engine": args.engine if n > 1 else "torch", "per_rank": ranks})
         print(f"weights per rank: {ranks[0]['weights_bytes'] / 2**20:.0f} MiB (float32)")
     shutil.rmtree(scratch, ignore_errors=True)
