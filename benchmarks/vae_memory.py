@@ -107,46 +107,17 @@ def _decode_job(ranks, size: int, engine: str, scratch: str) -> list[dict]:
     return everyone
 
 
-class _LoneRankExchange:
-    """The exchange of a rank decoding alone: every slab's data is this rank's own, cut or repeated to
-    that slab's shape (values do not matter for memory and time; shapes do)."""
-
-    step = 0
-
-    def __init__(self, index: int, size: int):
-        self.index, self.size = index, size
-
-    def gather(self, key, tensor, shapes):
-        return [tensor if tuple(shape) == tuple(tensor.shape) else _resized(tensor, shape) for shape in shapes]
-
-    def reset(self):
-        """Nothing is held."""
-
-    def drain(self):
-        """Nothing is in flight."""
-
-
-def _resized(tensor: torch.Tensor, shape) -> torch.Tensor:
-    for dim, length in enumerate(shape):
-        if tensor.shape[dim] < length:
-            repeats = [1] * tensor.ndim
-            repeats[dim] = -(-length // tensor.shape[dim])
-            tensor = tensor.repeat(*repeats)
-        tensor = tensor.narrow(dim, 0, length)
-    return tensor.contiguous()
-
-
 def _lone_job(ranks, size: int, world_size: int) -> list[dict]:
     from diffusers import AutoencoderKL
 
+    from python_backend.core.exchange import LoneRankExchange
     from python_backend.core.patch_vae import ParallelVaeDecoder
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**SDXL_VAE).eval()
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     index = world_size // 2
-    decoder = ParallelVaeDecoder(vae, None, index, world_size)
-    decoder.exchange = decoder.context.exchange = _LoneRankExchange(index, world_size)
+    decoder = ParallelVaeDecoder(vae, None, index, world_size, exchange=LoneRankExchange(index, world_size))
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         decoder.decode(torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS))

@@ -132,3 +132,31 @@ def test_host_synchronisations_per_step_are_counted_and_bounded(tiny_sdxl):
         print("  ", str(warning.message).splitlines()[0], warning.filename, warning.lineno)
     assert probe == 1, "torch's sync debug mode did not see the probe's .item()"
     assert max(per_step[1:]) <= HOST_SYNCS_PER_STEP, per_step
+
+
+@pytest.mark.skipif(GPUS < 1 or not _has_tensorrt(),
+                    reason=f"needs an NVIDIA GPU with tensorrt and polygraphy installed (GPUs here: {GPUS})")
+def test_tensorrt_decoder_pieces_match_the_eager_decoder(tiny_sdxl, tmp_path):
+    """Rank 1 of 3 decodes alone on one GPU (the other slabs' data stood in by its own, the same stand-ins
+    for both): its TensorRT decoder pieces, sharing one block of activation memory, against the eager
+    patched decoder."""
+    from python_backend.core.exchange import LoneRankExchange
+    from python_backend.core.model import load_vae
+    from python_backend.core.patch_vae import ParallelVaeDecoder
+    from python_backend.engines.runners import build_tensorrt_engine
+    from python_backend.engines.vae_segments import SegmentedVaeDecoder, export_decoder
+
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "rank1"
+    export_decoder(load_vae(tiny_sdxl, torch.device("cpu")), tuple(latents.shape), 3, 1, 1, folder)
+    for onnx_file in sorted(folder.glob("*.onnx")):
+        build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), tmp_path / "timing.cache")
+    pieces = SegmentedVaeDecoder(folder, "tensorrt", 3, "cuda")
+    assert pieces.device_memory is not None  # one block for every piece
+    on_pieces = ParallelVaeDecoder(None, None, 1, 3, engine=pieces, exchange=LoneRankExchange(1, 3))
+    eager = ParallelVaeDecoder(load_vae(tiny_sdxl, torch.device("cuda")), None, 1, 3,
+                               exchange=LoneRankExchange(1, 3))
+    image = on_pieces.decode(latents.cuda())
+    reference = eager.decode(latents.cuda())
+    assert image.device.type == "cuda" and image.shape == reference.shape
+    assert relative_l2(image.float().cpu(), reference.float().cpu()) < 1e-3  # TF32 and TensorRT tactics

@@ -189,3 +189,34 @@ class BufferExchange:
         if self.record:
             nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
             self.events.append(ExchangeEvent(key, kind, self.step, started_step, nbytes))
+
+
+@dataclass
+class LoneRankExchange:
+    """The exchange of one rank of ``size`` running alone (a synchronous one-shot pass such as the VAE
+    decoder, where a whole group does not fit on the machine, or a single-device check of one rank's
+    engines): every slab's data is this rank's own, cut or repeated to that slab's shape. Shapes, and so
+    memory and computation, are a real group's; values, and so the result, are not."""
+
+    index: int
+    size: int
+    step: int = 0
+
+    def gather(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        return [tensor if tuple(shape) == tuple(tensor.shape) else _resized(tensor, shape) for shape in shapes]
+
+    def reset(self) -> None:
+        """Nothing is held."""
+
+    def drain(self) -> None:
+        """Nothing is in flight."""
+
+
+def _resized(tensor: torch.Tensor, shape) -> torch.Tensor:
+    for dim, length in enumerate(shape):
+        if tensor.shape[dim] < length:
+            repeats = [1] * tensor.ndim
+            repeats[dim] = -(-length // tensor.shape[dim])
+            tensor = tensor.repeat(*repeats)
+        tensor = tensor.narrow(dim, 0, length)
+    return tensor.contiguous()

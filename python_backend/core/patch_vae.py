@@ -90,13 +90,14 @@ class ParallelVaeDecoder:
     Every rank calls :meth:`decode` with the same full latents; each returns the whole image (the slabs
     gathered in order). ``group`` is a torch.distributed group (None with a single rank). With
     ``engine`` (this rank's ``engines.vae_segments.SegmentedVaeDecoder``), the slab is decoded by the
-    built pieces and ``vae`` may be None; else ``vae`` is patched and runs eagerly."""
+    built pieces and ``vae`` may be None; else ``vae`` is patched and runs eagerly. ``exchange``
+    replaces the group's (``exchange.LoneRankExchange``: one rank decoding alone)."""
 
-    def __init__(self, vae: nn.Module | None, group, index: int, size: int, engine=None):
+    def __init__(self, vae: nn.Module | None, group, index: int, size: int, engine=None, exchange=None):
         if vae is None and engine is None:
             raise ValueError("a parallel decoder needs a VAE or its built engines")
         self.vae, self.engine = vae, engine
-        self.exchange = BufferExchange(group, index, size, record=False, retain=False)
+        self.exchange = exchange or BufferExchange(group, index, size, record=False, retain=False)
         self.context = PatchContext(decoder_layout(size, size, index), self.exchange, mode=Mode.FULL_SYNC,
                                     warmup_steps=0)
         if engine is None:

@@ -41,17 +41,31 @@ class OnnxRuntimeRunner:
 
 
 class TensorRTRunner:
-    """A deserialized TensorRT engine run through Polygraphy with device tensors bound in place."""
+    """A deserialized TensorRT engine run through Polygraphy with device tensors bound in place.
 
-    def __init__(self, engine_path: str | Path):
+    ``shared_memory``: the execution context gets no activation memory of its own
+    (``USER_MANAGED``); :func:`share_device_memory` then gives one block to a set of runners that run
+    one after another (the VAE decoder's pieces, whose own blocks would together hold far more than
+    one decode needs)."""
+
+    def __init__(self, engine_path: str | Path, shared_memory: bool = False):
+        import tensorrt as trt
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
+        load = EngineFromBytes(BytesFromPath(str(engine_path)))
+        self.device_memory_bytes = 0
+        if shared_memory:
+            self.engine = load()
+            # TensorRT >= 10.1: the _v2 size, and set_device_memory(address, size) (docs/gpu.md)
+            self.device_memory_bytes = self.engine.device_memory_size_v2
+            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            self.runner = TrtRunner(self.context)
+        else:
+            self.runner = TrtRunner(load)
         self.runner.activate()
         engine = self.runner.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        import tensorrt as trt
 
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         torch_types = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
@@ -87,9 +101,23 @@ def build_tensorrt_engine(onnx_path: Path, engine_path: Path, timing_cache: Path
     build()
 
 
-def make_runner(backend: str, path: Path, arena: bool = True):
+def share_device_memory(runners) -> torch.Tensor | None:
+    """One block of device memory, as large as the largest need, for every TensorRT runner made with
+    ``shared_memory`` (they must run one after another); returns it (keep it alive), or None."""
+    shared = [r for r in runners if isinstance(r, TensorRTRunner) and r.device_memory_bytes]
+    if not shared:
+        return None
+    block = torch.empty(max(r.device_memory_bytes for r in shared), dtype=torch.uint8, device="cuda")
+    for runner in shared:
+        runner.context.set_device_memory(block.data_ptr(), block.numel())
+    return block
+
+
+def make_runner(backend: str, path: Path, once_per_request: bool = False):
+    """``once_per_request``: a graph among many that run one after another once per request (the VAE
+    decoder's pieces): no ONNX Runtime arena, TensorRT memory shared through :func:`share_device_memory`."""
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path, arena=arena)
+        return OnnxRuntimeRunner(path, arena=not once_per_request)
     if backend == "tensorrt":
-        return TensorRTRunner(path)
+        return TensorRTRunner(path, shared_memory=once_per_request)
     raise ValueError(f"unknown engine backend {backend!r}; allowed: onnxruntime, tensorrt")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -26,8 +25,6 @@ from ..core.context import PatchContext
 from ..core.model import unscale_latents
 from ..core.modes import Mode
 from ..core.patch_vae import decoder_layout, patch_vae_decoder
-
-log = logging.getLogger("distrifusion.vae_engines")
 
 VAE_EXPORT_FORMAT = 1  # bump when the pieces' contents or names change: it is part of the build cache key
 
@@ -106,8 +103,8 @@ def _is_gather(node) -> bool:
 
 def cut_at_gathers(graph_module: torch.fx.GraphModule) -> tuple[list[dict], str, str]:
     """Splits a traced decoder at its gathers. Returns (program, input name, output name): the program
-    is a list of {"piece": GraphModule, "inputs", "outputs"} and {"gather": key, "input", "output",
-    "sizes", "dim"} entries in run order, named by the traced graph's value names."""
+    is a list of {"piece": GraphModule, "inputs", "example_specs", "outputs"} and {"gather": key,
+    "input", "output", "sizes", "dim"} entries in run order, named by the traced graph's value names."""
     nodes = list(graph_module.graph.nodes)
     (placeholder,) = [n for n in nodes if n.op == "placeholder"]
     (output,) = [n for n in nodes if n.op == "output"]
@@ -212,7 +209,7 @@ class SegmentedVaeDecoder:
     """Runs one rank's decoder pieces, doing each gather of the program through ``exchange``."""
 
     def __init__(self, folder: Path, backend: str, world_size: int, device: torch.device | str = "cpu"):
-        from .runners import make_runner
+        from .runners import make_runner, share_device_memory
 
         self.folder, self.device = Path(folder), torch.device(device)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
@@ -221,10 +218,11 @@ class SegmentedVaeDecoder:
                              f"(format {self.manifest.get('format')}); this group has {world_size} (format "
                              f"{VAE_EXPORT_FORMAT}): rebuild with `distrifusion build`")
         suffix = ".onnx" if backend == "onnxruntime" else ".plan"
-        # no ONNX Runtime arenas: each of the many pieces would keep its own peak (runners.OnnxRuntimeRunner)
+        # each of the many pieces would otherwise keep its own peak memory (an arena, a TensorRT block)
         self.runners = {entry["file"]: make_runner(backend, self.folder / Path(entry["file"]).with_suffix(suffix),
-                                                   arena=False)
+                                                   once_per_request=True)
                         for entry in self.manifest["program"] if "file" in entry}
+        self.device_memory = share_device_memory(self.runners.values())
 
     def check(self, latent_shape: tuple[int, ...], rows: tuple[int, int]) -> None:
         """Raises ValueError unless these pieces were built for full latents of ``latent_shape`` and the slab
