@@ -68,8 +68,6 @@ def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
     return outputs
 
 
-
-
 class _StepProgress:
     def __init__(self, request: GenerationRequest, parallel: ParallelConfig, ranks: RankGroup):
         from tqdm import tqdm

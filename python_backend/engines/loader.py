@@ -43,13 +43,14 @@ def load_parallel_decoder(model: str, ranks: RankGroup, engine: str = "torch", e
     from .vae_segments import SegmentedVaeDecoder
 
     group = dist.group.WORLD if ranks.world_size > 1 else None
-    rank_dir = Path(engine_dir or ".") / "vae" / f"rank{ranks.rank}"
-    if engine != "torch" and engine_dir and (rank_dir / "manifest.json").is_file():
-        pieces = SegmentedVaeDecoder(rank_dir, engine, ranks.world_size, ranks.device)
+    if engine != "torch":
+        rank_dir = Path(engine_dir) / "vae" / f"rank{ranks.rank}"
+        if (rank_dir / "manifest.json").is_file():
+            pieces = SegmentedVaeDecoder(rank_dir, engine, ranks.world_size, ranks.device)
+            if ranks.rank == 0:
+                log.info("the VAE decoder runs on the build's %s pieces (%d per rank)", engine, len(pieces.runners))
+            return ParallelVaeDecoder(None, group, ranks.rank, ranks.world_size, engine=pieces)
         if ranks.rank == 0:
-            log.info("the VAE decoder runs on the build's %s pieces (%d per rank)", engine, len(pieces.runners))
-        return ParallelVaeDecoder(None, group, ranks.rank, ranks.world_size, engine=pieces)
-    if ranks.rank == 0 and engine != "torch":
-        log.info("the build at %s has no VAE decoder pieces: the VAE decodes eagerly in torch", engine_dir)
+            log.info("the build at %s has no VAE decoder pieces: the VAE decodes eagerly in torch", engine_dir)
     return ParallelVaeDecoder(vae if vae is not None else load_vae(model, ranks.device), group, ranks.rank,
                               ranks.world_size)
