@@ -34,15 +34,18 @@ def _decode_on_ranks(ranks, model: str, build_dir: str, latents: torch.Tensor):
 @pytest.fixture(scope="module")
 def built(tiny_sdxl, tiny_sd15, tmp_path_factory):
     """Each family's decoder pieces for every rank, as ``build`` lays them out (``vae/rank{r}``)."""
-    from python_backend.engines.vae_segments import export_decoder
+    from python_backend.engines.vae_segments import export_decoder, export_every_rank
 
     root = tmp_path_factory.mktemp("vae-engines")
     folders = {}
     for family, model in (("sdxl", tiny_sdxl), ("sd15", tiny_sd15)):
         ranks, unit_rows = CASES[family]
         vae = load_vae(model, torch.device("cpu"))
-        for rank in range(ranks):
-            export_decoder(vae, LATENTS, ranks, rank, unit_rows, root / family / "vae" / f"rank{rank}")
+        if family == "sdxl":  # side by side, as build does
+            export_every_rank(str(model), LATENTS, ranks, unit_rows, root / family / "vae")
+        else:  # in this process: the VAE given is left unpatched
+            for rank in range(ranks):
+                export_decoder(vae, LATENTS, ranks, rank, unit_rows, root / family / "vae" / f"rank{rank}")
         folders[family] = (model, root / family, vae)
     return folders
 
@@ -52,7 +55,7 @@ def test_decoder_pieces_decode_what_one_device_decodes(family, built):
     model, folder, vae = built[family]
     ranks, _ = CASES[family]
     latents = torch.randn(*LATENTS, generator=torch.Generator().manual_seed(3))
-    reference = vae_decode(vae, latents)  # export left the VAE it was given unpatched
+    reference = vae_decode(vae, latents)  # sd15: export left the VAE it was given unpatched
     image, eager_image, gathered, held = run_on_ranks(ranks, _decode_on_ranks, (str(model), str(folder), latents))
     error = relative_l2(image, reference)
     print(f"{family} decoder pieces at N = {ranks}: relative error {error:.2e} against one device")

@@ -160,25 +160,18 @@ def _build_decoders(request: BuildRequest, fields: dict, folder: Path, progress:
     """Every rank's VAE decoder pieces (float32), compiled for TensorRT where asked."""
     from tqdm import tqdm
 
-    from ..core.model import load_vae
-    from .vae_segments import export_decoder
+    from .vae_segments import export_every_rank
 
-    vae = load_vae(request.model, torch.device("cpu"))
-    for rank in range(fields["ranks"]):
-        rank_dir = folder / "vae" / f"rank{rank}"
-        with tqdm(desc=f"exporting rank {rank}'s VAE decoder pieces", unit="graph", file=sys.stderr,
-                  disable=not progress) as bar:
-            def advance(done, total):
-                bar.total = total
-                bar.update(1)
+    with tqdm(total=fields["ranks"], desc="exporting every rank's VAE decoder pieces", unit="rank",
+              file=sys.stderr, disable=not progress) as bar:
+        manifests = export_every_rank(request.model, tuple(fields["latents"]), fields["ranks"], fields["unit_rows"],
+                                      folder / "vae", progress=lambda done, total: bar.update(1))
+    program = manifests[0]["program"]
+    log.info("VAE decoder: %d pieces per rank between %d blocking gathers", sum(1 for e in program if "file" in e),
+             sum(1 for e in program if "gather" in e))
+    if request.backend == "tensorrt":
+        from .runners import build_tensorrt_engine
 
-            manifest = export_decoder(vae, tuple(fields["latents"]), fields["ranks"], rank, fields["unit_rows"],
-                                      rank_dir, progress=advance)
-        log.info("rank %d's VAE decoder: %d pieces between %d blocking gathers", rank,
-                 sum(1 for e in manifest["program"] if "file" in e), sum(1 for e in manifest["program"] if "gather" in e))
-        if request.backend == "tensorrt":
-            from .runners import build_tensorrt_engine
-
-            for onnx_file in tqdm(sorted(rank_dir.glob("*.onnx")), desc=f"compiling rank {rank}'s decoder pieces",
-                                  unit="engine", file=sys.stderr, disable=not progress):
-                build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), folder / "timing.cache")
+        for onnx_file in tqdm(sorted((folder / "vae").glob("rank*/*.onnx")), desc="compiling the decoder pieces",
+                              unit="engine", file=sys.stderr, disable=not progress):
+            build_tensorrt_engine(onnx_file, onnx_file.with_suffix(".plan"), folder / "timing.cache")

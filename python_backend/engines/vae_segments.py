@@ -205,6 +205,36 @@ def export_decoder(vae, latent_shape: tuple[int, ...], size: int, index: int, un
     return manifest
 
 
+def export_every_rank(model: str, latent_shape: tuple[int, ...], size: int, unit_rows: int, out_root: Path,
+                      workers: int | None = None, progress=None) -> list[dict]:
+    """Every rank's decoder pieces under ``out_root/rank{r}``, the ranks exported side by side in up to
+    ``workers`` processes (default: one per CPU core, at most one per rank; tracing is single-threaded
+    Python, so one process would use one core). ``progress(done, total)`` after each rank. Returns the
+    manifests in rank order."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = max(1, min(size, workers or os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    manifests = [None] * size
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {pool.submit(_export_rank, model, tuple(latent_shape), size, rank, unit_rows,
+                            str(Path(out_root) / f"rank{rank}"), threads): rank for rank in range(size)}
+        for done, job in enumerate(as_completed(jobs), start=1):
+            manifests[jobs[job]] = job.result()
+            if progress:
+                progress(done, size)
+    return manifests
+
+
+def _export_rank(model: str, latent_shape, size: int, rank: int, unit_rows: int, out_dir: str, threads: int) -> dict:
+    from ..core.model import load_vae
+
+    torch.set_num_threads(threads)
+    return export_decoder(load_vae(model, torch.device("cpu")), latent_shape, size, rank, unit_rows, Path(out_dir))
+
+
 class SegmentedVaeDecoder:
     """Runs one rank's decoder pieces, doing each gather of the program through ``exchange``."""
 
