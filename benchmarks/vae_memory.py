@@ -58,17 +58,37 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+def _sdxl_vae_and_latents(size: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SDXL_VAE).eval()
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
+    return vae, sum(p.numel() * p.element_size() for p in vae.parameters()), latents
+
+
+def _measure(decode, warmup: torch.Tensor, latents: torch.Tensor) -> dict:
+    """Decodes ``warmup`` (libraries' first-call costs, as a served group warms up), then ``latents``,
+    measuring the peak resident memory above what was resident before, and the time."""
+    with torch.no_grad():
+        decode(warmup)
+    before = _status_kib("VmRSS")
+    _reset_peak()
+    started = time.perf_counter()
+    with torch.no_grad():
+        image = decode(latents)
+    seconds = time.perf_counter() - started
+    return {"activations_bytes": (_status_kib("VmHWM") - before) * 1024, "seconds": seconds,
+            "image_shape": list(image.shape)}
+
+
 def _decode_job(ranks, size: int, engine: str, scratch: str) -> list[dict]:
     import torch.distributed as dist
-    from diffusers import AutoencoderKL
 
     from python_backend.core.model import vae_decode
     from python_backend.core.patch_vae import ParallelVaeDecoder
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**SDXL_VAE).eval()
-    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
-    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
+    vae, weights, latents = _sdxl_vae_and_latents(size)
     warmup = torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS)
     if ranks.world_size > 1 and engine != "torch":
         from pathlib import Path
@@ -83,23 +103,12 @@ def _decode_job(ranks, size: int, engine: str, scratch: str) -> list[dict]:
         warmup = torch.zeros_like(latents)  # static shapes: the warm-up decode is a full one
         dist.barrier()
     elif ranks.world_size > 1:
-        decoder = ParallelVaeDecoder(vae, dist.group.WORLD, ranks.rank, ranks.world_size)
-        decode = decoder.decode
+        decode = ParallelVaeDecoder(vae, dist.group.WORLD, ranks.rank, ranks.world_size).decode
         dist.barrier()
     else:
         def decode(z):
             return vae_decode(vae, z)
-    with torch.no_grad():  # a decode first, as a served group warms up: libraries' first-call costs
-        decode(warmup)
-    before = _status_kib("VmRSS")
-    _reset_peak()
-    started = time.perf_counter()
-    with torch.no_grad():
-        image = decode(latents)
-    seconds = time.perf_counter() - started
-    peak = _status_kib("VmHWM")
-    mine = {"rank": ranks.rank, "activations_bytes": (peak - before) * 1024, "seconds": seconds,
-            "weights_bytes": weights, "image_shape": list(image.shape)}
+    mine = {"rank": ranks.rank, "weights_bytes": weights, **_measure(decode, warmup, latents)}
     if ranks.world_size == 1:
         return [mine]
     everyone = [None] * ranks.world_size
@@ -108,28 +117,14 @@ def _decode_job(ranks, size: int, engine: str, scratch: str) -> list[dict]:
 
 
 def _lone_job(ranks, size: int, world_size: int) -> list[dict]:
-    from diffusers import AutoencoderKL
-
     from python_backend.core.exchange import LoneRankExchange
     from python_backend.core.patch_vae import ParallelVaeDecoder
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**SDXL_VAE).eval()
-    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    vae, weights, latents = _sdxl_vae_and_latents(size)
     index = world_size // 2
     decoder = ParallelVaeDecoder(vae, None, index, world_size, exchange=LoneRankExchange(index, world_size))
-    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        decoder.decode(torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS))
-    before = _status_kib("VmRSS")
-    _reset_peak()
-    started = time.perf_counter()
-    with torch.no_grad():
-        image = decoder.decode(latents)
-    seconds = time.perf_counter() - started
-    peak = _status_kib("VmHWM")
-    return [{"rank": index, "alone": True, "activations_bytes": (peak - before) * 1024, "seconds": seconds,
-             "weights_bytes": weights, "image_shape": list(image.shape)}]
+    warmup = torch.zeros(1, 4, WARMUP_LATENT_ROWS, WARMUP_LATENT_ROWS)
+    return [{"rank": index, "alone": True, "weights_bytes": weights, **_measure(decoder.decode, warmup, latents)}]
 
 
 def main() -> int:

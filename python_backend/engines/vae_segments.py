@@ -79,9 +79,10 @@ class _SlabDecoder(nn.Module):
         return self.vae.decode(unscale_latents(self.vae, latents), return_dict=False)[0]
 
 
-def trace_decoder(vae, latent_shape: tuple[int, ...], size: int, index: int, unit_rows: int) -> torch.fx.GraphModule:
+def trace_decoder(vae, latent_shape: tuple[int, ...], size: int, index: int,
+                  unit_rows: int) -> tuple[torch.fx.GraphModule, tuple[int, int]]:
     """The patched decoder of slab ``index`` of ``size`` for full latents of ``latent_shape``, traced
-    (the slabs as ``decoder_layout`` cuts them with the denoiser's ``unit_rows``)."""
+    (the slabs as ``decoder_layout`` cuts them with the denoiser's ``unit_rows``), and the slab's rows."""
     layout = decoder_layout(latent_shape[2], size, index, unit_rows)
     context = PatchContext(layout, _TracingExchange(), mode=Mode.FULL_SYNC, warmup_steps=0)
     vae = patch_vae_decoder(copy.deepcopy(vae), context)  # the caller's VAE stays as it was
@@ -94,7 +95,7 @@ def trace_decoder(vae, latent_shape: tuple[int, ...], size: int, index: int, uni
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
             graph_module.graph.erase_node(node)  # export's own dtype checks: not computation, not exportable
     graph_module.graph.lint()
-    return graph_module
+    return graph_module, (start, stop)
 
 
 def _is_gather(node) -> bool:
@@ -184,10 +185,8 @@ def export_decoder(vae, latent_shape: tuple[int, ...], size: int, index: int, un
     out_dir.mkdir(parents=True, exist_ok=True)
     if vae.dtype != torch.float32:
         raise ValueError(f"the decoder pieces are exported in float32; got a {vae.dtype} VAE")
-    graph_module = trace_decoder(vae, latent_shape, size, index, unit_rows)
+    graph_module, (start, stop) = trace_decoder(vae, latent_shape, size, index, unit_rows)
     program, input_name, output_name = cut_at_gathers(graph_module)
-    layout = decoder_layout(latent_shape[2], size, index, unit_rows)
-    start, stop = layout.row_range(latent_shape[2])
     pieces = [entry for entry in program if "piece" in entry]
     with torch.no_grad():
         for number, entry in enumerate(pieces):
