@@ -137,7 +137,10 @@ def test_perf_analyzer_sweeps_concurrency_one_to_two(server, tmp_path):
     inputs = tmp_path / "inputs.json"
     inputs.write_text(json.dumps(data))
     command = [sys.executable, "-m", "python_backend.cli", "perf", "--url", _urls(server)[0],
-               "--concurrency", "1:2", "--csv", str(csv), "--input-data", str(inputs)]
+               "--concurrency", "1:2", "--csv", str(csv), "--input-data", str(inputs),
+               # This checks the sweep, not the machine's steadiness: on a loaded CI host the default
+               # 50 % stability test can fail for 6 windows in a row (it did once), so any 3 windows pass.
+               "--stability-percentage", "1000", "--max-trials", "3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line.split(",") for line in csv.read_text().splitlines()]
