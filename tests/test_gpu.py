@@ -123,7 +123,7 @@ def test_host_synchronisations_per_step_are_counted_and_bounded(tiny_sdxl):
             torch.ones(1, device="cuda").item()  # the counter itself: exactly one synchronising call
             probe = len(caught)
             seen.append(len(caught))
-            denoiser.generate(request, on_step=lambda i, synchronous: seen.append(len(caught)))
+            denoiser.generate(request, on_step=lambda i, synchronous, latents: seen.append(len(caught)))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     per_step = [b - a for a, b in zip(seen, seen[1:])]

@@ -473,8 +473,8 @@ def test_regions_of_a_killed_server_are_removed_at_the_next_start(tmp_path):
 
 
 # the default two-rank deployment decodes on the rank group: no vae_decoder model
-MODELS = ("text_encoder", "denoiser", "postprocess", "pipeline")
-PYTHON_MODELS = MODELS[:-1]
+MODELS = ("text_encoder", "denoiser", "postprocess", "pipeline", "pipeline_stream")
+PYTHON_MODELS = ("text_encoder", "denoiser", "postprocess", "pipeline_stream")
 
 
 class Deployment:

@@ -71,8 +71,8 @@ def test_a_failed_rank_fails_only_its_request_and_the_next_is_exact_and_as_fast(
         before = [_timed(service, request)[1] for _ in range(3)]
         victim = service.worker_pids[victim_rank]
 
-        def strike(step, synchronous):
-            if step == 2:
+        def strike(report):
+            if report.index == 2:
                 os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
 
         started = time.monotonic()
@@ -104,7 +104,7 @@ def test_a_cancelled_request_stops_every_rank_at_a_step_boundary(tiny_sdxl):
         solo = service.generate(other).latents.numpy()
         steps_run = []
         with pytest.raises(GenerationCancelled, match="stopped after step 3 of 8"):
-            service.generate(request, on_step=lambda i, s: steps_run.append(i),
+            service.generate(request, on_step=lambda report: steps_run.append(report.index),
                              should_stop=lambda: len(steps_run) >= 3)
         assert steps_run == [0, 1, 2]
         assert service.restarts == 0  # cancelling is not a failure: the group stays

@@ -27,8 +27,8 @@ from python_backend.serving.server import free_ports
 pytestmark = pytest.mark.slow
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-MODELS = ("text_encoder", "denoiser", "vae_decoder", "postprocess", "pipeline")
-SERVED_MODULES = ("text_encoder_model", "denoiser_model", "vae_decoder_model", "postprocess_model")
+MODELS = ("text_encoder", "denoiser", "vae_decoder", "postprocess", "pipeline", "pipeline_stream")
+SERVED_MODULES = ("text_encoder_model", "denoiser_model", "vae_decoder_model", "postprocess_model", "stream_model")
 SIZE, RANKS = 256, 2
 SERVED_AT_RANKS = tuple(m for m in MODELS if m != "vae_decoder")  # N > 1: the rank group decodes (parallel VAE)
 

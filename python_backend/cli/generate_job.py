@@ -80,7 +80,7 @@ class _StepProgress:
             dynamic_ncols=True,
         )
 
-    def __call__(self, step: int, synchronous: bool) -> None:
+    def __call__(self, step: int, synchronous: bool, latents=None) -> None:
         self.bar.set_postfix_str("synchronous" if synchronous else "asynchronous", refresh=False)
         self.bar.update(1)
 

@@ -104,6 +104,7 @@ class PatchParallelDenoiser:
         With ``stoppable`` (on every rank), ``should_stop`` (read on rank 0 at every step boundary)
         cancels the generation on every rank: ``GenerationCancelled``; without it no per-step decision
         is exchanged. A request that some rank cannot run raises ``GenerationRefused`` on every rank.
+        ``on_step(i, synchronous, latents)`` runs after step ``i`` with the full latents after it.
         """
         pipe, device = self.pipe, self.ranks.device
         parallel = parallel or self.parallel
@@ -151,7 +152,7 @@ class PatchParallelDenoiser:
                 noise = uncond + request.guidance * (text - uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if on_step is not None:
-                on_step(i, self.context.synchronous)
+                on_step(i, self.context.synchronous, latents)
             if stoppable and i + 1 < len(scheduler.timesteps) and self._stop_everywhere(should_stop):
                 self.context.end_generation()
                 raise GenerationCancelled(f"stopped after step {i + 1} of {len(scheduler.timesteps)}")

@@ -189,6 +189,17 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents / vae.config.scaling_factor
 
 
+def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latents in the denoiser's scale: the inverse of :func:`unscale_latents`."""
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return (latents - mean) * vae.config.scaling_factor / std
+    return latents * vae.config.scaling_factor
+
+
 def to_uint8(image: torch.Tensor):
     """uint8 [B, H, W, 3] from a VAE image, exactly as diffusers' image processor makes PIL images."""
     from diffusers.image_processor import VaeImageProcessor

@@ -30,6 +30,11 @@ def add_client_commands(commands) -> None:
     client.add_argument("--url", required=True, help="HOST:PORT (8000 for HTTP, 8001 for gRPC)")
     client.add_argument("--protocol", choices=PROTOCOLS, default="http")
     add_request_arguments(client)
+    client.add_argument("--stream", action="store_true",
+                        help="gRPC only: use the pipeline_stream model and show a progress bar per step")
+    client.add_argument("--preview-every", type=int, default=0,
+                        help="with --stream: a preview every N steps (0: none)")
+    client.add_argument("--previews", type=Path, help="with --stream: save the previews as PNGs in this folder")
     client.set_defaults(handler=_client)
 
     perf = commands.add_parser("perf", help="measure throughput and latency of a running server with perf_analyzer")
@@ -68,6 +73,12 @@ def _client(args) -> int:
             problem = problem or f"{flag} must be >= 1, got {value}"
     if args.timeout <= 0:
         problem = problem or f"--timeout must be > 0, got {args.timeout}"
+    if args.stream and args.protocol != "grpc":
+        problem = problem or "--stream needs --protocol grpc (Triton streams over gRPC only)"
+    if not args.stream and (args.preview_every or args.previews):
+        problem = problem or "--preview-every and --previews need --stream"
+    if args.preview_every < 0:
+        problem = problem or f"--preview-every must be >= 0, got {args.preview_every}"
     if problem:
         return _usage_error("client", problem)
 
@@ -77,8 +88,11 @@ def _client(args) -> int:
 
     start = time.perf_counter()
     try:
-        image = generate(args.url, args.prompt, protocol=args.protocol, **request_options(args))
-    except (InferenceServerException, OSError, ValueError) as error:
+        if args.stream:
+            image = _stream(args)
+        else:
+            image = generate(args.url, args.prompt, protocol=args.protocol, **request_options(args))
+    except (InferenceServerException, OSError, ValueError, TimeoutError) as error:
         print(f"distrifusion client: request failed: {error}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
@@ -90,6 +104,34 @@ def _client(args) -> int:
     print(f"saved {args.out} ({image.shape[1]}x{image.shape[0]})")
     print(f"the request took {seconds:.2f} seconds over {'HTTP' if args.protocol == 'http' else 'gRPC'}")
     return 0
+
+
+def _stream(args):
+    """The image from ``pipeline_stream``, with a progress bar on stderr and the previews saved."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ..client.stream import generate_stream
+
+    options = request_options(args)
+    options.pop("model")  # --model names the one-shot model; the stream has its own
+    bar = tqdm(total=args.steps, desc="denoising on the server", unit="step", file=sys.stderr, dynamic_ncols=True)
+    if args.previews:
+        args.previews.mkdir(parents=True, exist_ok=True)
+
+    def on_step(message) -> None:
+        bar.total = message.steps
+        bar.set_postfix_str(f"{message.seconds:.1f} s, exchange wait {message.exchange_wait_seconds:.2f} s",
+                            refresh=False)
+        bar.update(message.step - bar.n)
+        if message.preview is not None and args.previews:
+            Image.fromarray(message.preview).save(args.previews / f"step_{message.step:03d}.png")
+
+    try:
+        return generate_stream(args.url, args.prompt, preview_every=args.preview_every or None, on_step=on_step,
+                               **options)
+    finally:
+        bar.close()
 
 
 def perf_analyzer_command(args, executable: str | Path = "perf_analyzer") -> list[str]:

@@ -142,7 +142,11 @@ class TritonPythonModel:
             added = {k: torch.from_numpy(checked[k]) for k in ("text_embeds", "time_ids")}
         # the gateway marks a request whose client disconnected or cancelled; Triton tells only a gRPC
         # cancellation of a request sent to this model itself (is_cancelled)
-        client_gone = signals.cancel_probe(request.parameters())
+        parameters = signals.parameters_of(request.parameters())
+        client_gone = signals.cancel_probe(parameters)
+        preview_every = validation.preview_every(parameters.get(signals.PREVIEW_PARAMETER), generation.steps,
+                                                 f"request parameter '{signals.PREVIEW_PARAMETER}'")
+        progress = signals.ProgressWriter.for_request(parameters)  # a streaming request follows every step
         is_cancelled = getattr(request, "is_cancelled", lambda: False)
 
         def cancelled() -> bool:
@@ -160,9 +164,14 @@ class TritonPythonModel:
         def should_stop() -> bool:
             return cancelled() or time.monotonic() > deadline
 
+        on_step = None
+        if progress is not None:
+            def on_step(report):
+                progress.write(report.index + 1, generation.steps, report.wait_seconds, report.preview)
+
         try:
             result = self.service.generate(generation, Conditioning(embeds, added), should_stop=should_stop,
-                                           decode=decode)
+                                           decode=decode, on_step=on_step, preview_every=preview_every)
         except GenerationRefused as refused:  # every rank refused before the first step: the group is intact
             raise validation.InputError(f"this deployment cannot run the request: {refused}") from None
         except GenerationCancelled as stopped:

@@ -25,6 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -65,6 +66,24 @@ class RankServiceConfig:
     # Generations the whole group runs before it takes requests (on every start and restart), so that
     # no request pays a first call's costs; None: one at the default size (see ``warmup_requests``).
     warmup: tuple[GenerationRequest, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What rank 0 tells the service after each step: ``index`` (0-based), whether the step was
+    synchronous, its exchange wait so far (seconds) and, on a preview step, the first image's latents
+    (float32 [1, C, h, w], denoiser scale)."""
+
+    index: int
+    synchronous: bool
+    wait_seconds: float = 0.0
+    preview: np.ndarray | None = None
+
+
+def wants_preview(index: int, steps: int, preview_every: int) -> bool:
+    """Whether step ``index`` (0-based) of ``steps`` carries a preview: every ``preview_every``-th step,
+    never the last (the final image follows it)."""
+    return preview_every > 0 and (index + 1) % preview_every == 0 and index + 1 < steps
 
 
 def warmup_requests(sizes=((DEFAULT_HEIGHT, DEFAULT_WIDTH),), guidance: float = DEFAULT_GUIDANCE,
@@ -119,7 +138,7 @@ GO, STOP = ("go",), ("stop",)  # the service's verdict on every step rank 0 repo
 def _worker_main(rank: int, rendezvous: LocalRendezvous, config: RankServiceConfig, report, requests=None) -> None:
     """One rank of the group, in its own process. Rank 0 also takes the service's requests over
     ``requests`` (a duplex pipe) and answers each with one of ("done", result), ("cancelled", why),
-    ("refused", why) or ("failed", traceback), sending ("step", i, synchronous) after every step."""
+    ("refused", why) or ("failed", traceback), sending ("step", StepReport) after every step."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"rank {rank}: %(message)s")
     try:
         report.send(JOINING)
@@ -160,7 +179,7 @@ def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, decoder, 
             return
         if message in (GO, STOP):  # the verdict on a generation's last step, which nobody asked for
             continue
-        _, request, parallel, cond, decode = message
+        _, request, parallel, cond, decode, preview_every = message
         if many:
             _signal(ranks, more=True)  # tiny: never blocks on a stuck worker
             dist.broadcast_object_list([message], src=0, group=ranks.control)
@@ -171,9 +190,15 @@ def _serve_requests(ranks: RankGroup, denoiser: PatchParallelDenoiser, decoder, 
             except (EOFError, OSError):
                 return True
 
+        def report_step(i: int, synchronous: bool, latents) -> None:
+            preview = None
+            if wants_preview(i, request.steps, preview_every):
+                preview = latents[:1].float().cpu().numpy()
+            requests.send(("step", StepReport(i, synchronous, denoiser.context.exchange.wait_seconds, preview)))
+
         try:
             result = denoiser.generate(request, parallel, cond=cond, stoppable=True, should_stop=stop_asked,
-                                       on_step=lambda i, synchronous: requests.send(("step", i, synchronous)))
+                                       on_step=report_step)
             image = None
             if decode:
                 requests.send(DECODING)
@@ -195,7 +220,7 @@ def _follow_rank0(ranks: RankGroup, denoiser: PatchParallelDenoiser, decoder) ->
     while _next_request_signalled(ranks):
         message = [None]
         dist.broadcast_object_list(message, src=0, group=ranks.control)
-        _, request, parallel, cond, decode = message[0]
+        _, request, parallel, cond, decode, _ = message[0]
         try:
             result = denoiser.generate(request, parallel, cond=cond, stoppable=True)
             if decode:
@@ -335,14 +360,15 @@ class RankService:
             self._run(request, parallel, warmup_conditioning(self.config.model, request), decode=self.config.decode)
 
     def _run(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None = None,
-             on_step=None, should_stop=None, decode: bool = False) -> GenerationResult:
-        """Hands the request to rank 0 and follows it: after every step rank 0 reports, ``on_step`` runs and
+             on_step=None, should_stop=None, decode: bool = False, preview_every: int = 0) -> GenerationResult:
+        """Hands the request to rank 0 and follows it: after every step rank 0 reports, ``on_step`` runs (with
+        the ``StepReport``) and
         rank 0 is told to go on or stop (``should_stop``), as rank 0 itself decided when it lived here;
         then the answer (with the image when ``decode``). Raises ``_GroupBroken`` when a rank dies or rank 0
         falls silent."""
         if decode and not self.config.decode:
             raise ValueError("this rank group does not decode (RankServiceConfig.decode is false)")
-        message = ("generate", request, parallel, for_transport(cond), decode)  # host tensors: each rank places them
+        message = ("generate", request, parallel, for_transport(cond), decode, preview_every)  # host tensors: each rank places them
         check_transportable(message)
         try:
             self._rank0.send(message)
@@ -366,7 +392,7 @@ class RankService:
                     continue
                 if kind == "step":
                     if on_step is not None:
-                        on_step(answer[1], answer[2])
+                        on_step(answer[1])
                     try:
                         self._rank0.send(STOP if should_stop is not None and should_stop() else GO)
                     except OSError:
@@ -387,15 +413,16 @@ class RankService:
 
     def generate(self, request: GenerationRequest, cond: Conditioning | None = None,
                  parallel: ParallelConfig | None = None, on_step=None, should_stop=None,
-                 decode: bool = False) -> GenerationResult:
+                 decode: bool = False, preview_every: int = 0) -> GenerationResult:
         """Runs one request on every rank (``decode``: the group also decodes, the result carries the
-        image). A rank that died (before or during it) or hangs longer than ``rank_timeout_s`` fails this
+        image; ``on_step(StepReport)`` after every step, with the latents every ``preview_every`` steps). A
+        rank that died (before or during it) or hangs longer than ``rank_timeout_s`` fails this
         request with ``RankGroupFailed`` after the group is restarted; a request the ranks refuse before
         the first step raises ``GenerationRefused`` (no restart)."""
         parallel = parallel or self.config.parallel
         self.ensure_ready()
         try:
-            return self._run(request, parallel, cond, on_step, should_stop, decode)
+            return self._run(request, parallel, cond, on_step, should_stop, decode, preview_every)
         except _GroupBroken as broken:
             reason = str(broken)
             self._restart(reason)

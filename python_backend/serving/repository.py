@@ -17,7 +17,7 @@ log = logging.getLogger("distrifusion.repository")
 
 # The templates are package data (model_repository/ at the top of the checkout links here).
 TEMPLATES = Path(str(importlib.resources.files("python_backend.serving") / "model_repository"))
-MODELS = ("text_encoder", "denoiser", "vae_decoder", "postprocess", "pipeline")
+MODELS = ("text_encoder", "denoiser", "vae_decoder", "postprocess", "pipeline", "pipeline_stream")
 
 # The ensemble's decoding, as the deployment decodes: the rank group itself (patch-parallel VAE), or
 # the vae_decoder model on rank 0's latents.

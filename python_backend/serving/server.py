@@ -106,7 +106,7 @@ from .access import (  # noqa: F401  (re-exported: the server's security default
 )
 from .gateway import Gateway, Limits
 from .processes import alive, free_ports, group_members, kill_group, wait_group_exit  # noqa: F401  (re-exported)
-from .signals import CANCEL_DIR_ENV_VAR, STATUS_DIR_ENV_VAR, CancelMarkers, state_problems
+from .signals import CANCEL_DIR_ENV_VAR, PROGRESS_DIR_ENV_VAR, STATUS_DIR_ENV_VAR, CancelMarkers, state_problems
 from .shared_memory import (  # noqa: F401
     LAUNCHER,
     SEMAPHORE_PREFIX,
@@ -351,6 +351,10 @@ class TritonServer:
     def status_dir(self) -> Path | None:
         return self.workdir / "status" if self.workdir is not None else None
 
+    @property
+    def progress_dir(self) -> Path | None:
+        return self.workdir / "progress" if self.workdir is not None else None
+
     def command(self, backend_dir: Path) -> list[str]:
         args = [str(find_tritonserver()),
                 f"--model-repository={self.repository}",
@@ -382,7 +386,7 @@ class TritonServer:
         if self.use_gateway:
             self.triton_host = DEFAULT_HOST
             self.triton_http_port, self.triton_grpc_port = free_ports(2)
-        for folder in (self.cancel_dir, self.status_dir):
+        for folder in (self.cancel_dir, self.status_dir, self.progress_dir):
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(mode=0o700)
         cmd = self.command(prepare_backend_dir(self.workdir))
@@ -393,10 +397,8 @@ class TritonServer:
         env = server_environment()
         env.pop(ADMIN_KEY_ENV_VAR, None)  # the server has it on its command line; its models need not
         env[STATUS_DIR_ENV_VAR] = str(self.status_dir)
-        if self.use_gateway:
-            env[CANCEL_DIR_ENV_VAR] = str(self.cancel_dir)
-        else:
-            env.pop(CANCEL_DIR_ENV_VAR, None)
+        env[PROGRESS_DIR_ENV_VAR] = str(self.progress_dir)
+        env[CANCEL_DIR_ENV_VAR] = str(self.cancel_dir)  # the gateway and pipeline_stream mark cancellations
         self._log_file = open(self.log_path, "wb")
         log.info("starting tritonserver for %s (log: %s)", self.repository, self.log_path)
         log.debug("command: %s", " ".join(c.replace(self.admin_key, "<admin key>") for c in cmd))

@@ -12,8 +12,15 @@ The other way, the denoiser publishes its rank group's state as ``<status folder
 (:func:`publish_state`); the server's readiness reads it (:func:`state_problems`): a group that is
 (re)starting, failed to start or lost a worker is not ready.
 
-The folders are named by :data:`CANCEL_DIR_ENV_VAR` and :data:`STATUS_DIR_ENV_VAR` in the server's
-environment; both live in the server's private work folder. Without them nothing is signalled.
+The streaming model ``pipeline_stream`` follows the denoiser's steps through a third folder: it calls the
+denoiser with a key as :data:`PROGRESS_PARAMETER` after creating ``<progress folder>/<key>/``, and the
+denoiser writes one file per step there (:class:`ProgressWriter`), which the streaming model reads and
+removes in order (:class:`ProgressReader`): no step is lost however the two processes are scheduled.
+It cancels its denoiser call by marking the same key as a cancel marker.
+
+The folders are named by :data:`CANCEL_DIR_ENV_VAR`, :data:`STATUS_DIR_ENV_VAR` and
+:data:`PROGRESS_DIR_ENV_VAR` in the server's environment; all live in the server's private work folder.
+Without them nothing is signalled.
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ from typing import Callable
 
 CANCEL_DIR_ENV_VAR = "DISTRIFUSION_CANCEL_DIR"
 STATUS_DIR_ENV_VAR = "DISTRIFUSION_STATUS_DIR"
+PROGRESS_DIR_ENV_VAR = "DISTRIFUSION_PROGRESS_DIR"
 CANCEL_PARAMETER = "distrifusion_cancel_key"
+PROGRESS_PARAMETER = "distrifusion_progress_key"
+PREVIEW_PARAMETER = "distrifusion_preview_every"
 CANCELLABLE_MODELS = ("pipeline", "denoiser")
 """The models whose requests can be abandoned at a cost: the pipeline, and the denoiser called directly."""
 
@@ -60,20 +70,93 @@ class CancelMarkers:
         return sorted(p.name for p in self.folder.iterdir())
 
 
-def cancel_probe(parameters: str | dict | None, environ=os.environ) -> Callable[[], bool]:
-    """The model's side: a cheap "has this request's client gone?" for a request's parameters (the JSON
-    text ``request.parameters()`` returns, or a dict). Always False without a valid key or folder."""
+def parameters_of(parameters: str | dict | None) -> dict:
+    """A request's parameters (the JSON text ``request.parameters()`` returns, or a dict) as a dict."""
     if isinstance(parameters, str):
         try:
             parameters = json.loads(parameters or "{}")
         except ValueError:
             parameters = {}
-    key = (parameters or {}).get(CANCEL_PARAMETER) if isinstance(parameters, dict) else None
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def _valid_key(parameters: dict, name: str) -> str | None:
+    key = parameters.get(name)
+    return key if isinstance(key, str) and _KEY.fullmatch(key) else None
+
+
+def cancel_probe(parameters: str | dict | None, environ=os.environ) -> Callable[[], bool]:
+    """The model's side: a cheap "has this request's client gone?" for a request's parameters.
+    Always False without a valid key or folder."""
+    key = _valid_key(parameters_of(parameters), CANCEL_PARAMETER)
     folder = environ.get(CANCEL_DIR_ENV_VAR)
-    if not folder or not isinstance(key, str) or not _KEY.fullmatch(key):
+    if not folder or key is None:
         return lambda: False
     marker = Path(folder) / key
     return marker.exists
+
+
+# --------------------------------------------------------------------------------------------------
+# Step progress
+
+
+class ProgressWriter:
+    """The denoiser's side: one file per step into the folder the streaming model made for the request
+    (nothing is written when there is none: a direct client's made-up key leads nowhere)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @classmethod
+    def for_request(cls, parameters: str | dict | None, environ=os.environ) -> "ProgressWriter | None":
+        key = _valid_key(parameters_of(parameters), PROGRESS_PARAMETER)
+        root = environ.get(PROGRESS_DIR_ENV_VAR)
+        if not root or key is None or not (Path(root) / key).is_dir():
+            return None
+        return cls(Path(root) / key)
+
+    def write(self, step: int, steps: int, wait_seconds: float, preview=None) -> None:
+        """Step ``step`` (1-based) of ``steps`` done; ``preview``: the latents to preview, if any."""
+        import numpy as np
+
+        name = f"{step:06d}"
+        if preview is not None:
+            np.save(self.folder / f"{name}.tmp.npy", np.asarray(preview, dtype=np.float32))
+            (self.folder / f"{name}.tmp.npy").replace(self.folder / f"{name}.npy")
+        temporary = self.folder / f"{name}.tmp"
+        temporary.write_text(json.dumps({"step": step, "steps": steps, "wait_seconds": wait_seconds,
+                                         "preview": preview is not None}))
+        temporary.replace(self.folder / f"{name}.json")
+
+
+class ProgressReader:
+    """The streaming model's side: makes the request's folder, reads its step files in order, removes it."""
+
+    def __init__(self, root: Path, key: str):
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"not a progress key: {key!r}")
+        self.folder = Path(root) / key
+        self.folder.mkdir(mode=0o700)
+
+    def read(self) -> list[dict]:
+        """The steps reported since the last call, oldest first; each {"step", "steps", "wait_seconds",
+        "preview" (float32 latents or None)}."""
+        import numpy as np
+
+        reports = []
+        for path in sorted(self.folder.glob("[0-9]*[0-9].json")):
+            report = json.loads(path.read_text())
+            latents = path.with_suffix(".npy")
+            report["preview"] = np.load(latents) if report.get("preview") else None
+            latents.unlink(missing_ok=True)
+            path.unlink()
+            reports.append(report)
+        return reports
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,6 +63,17 @@ def size(height: int | None, width: int | None, settings: ServingSettings) -> tu
     return height, width
 
 
+def preview_every(value, steps: int, name: str = "input 'preview_every'") -> int:
+    """Every how many steps a streamed request gets a preview: 0 (none) to ``steps``."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} is {value!r}; allowed: a whole number from 0 (no previews) to {steps} (the steps)")
+    if not 0 <= int(value) <= steps:
+        raise InputError(f"{name} is {value}; allowed: 0 (no previews) to {steps} (the steps)")
+    return int(value)
+
+
 def generation(values: dict, settings: ServingSettings, prompt: str = "") -> GenerationRequest:
     """A GenerationRequest from the optional scalar inputs, with the configured defaults."""
     steps = settings.default_steps if values.get("steps") is None else int(values["steps"])
