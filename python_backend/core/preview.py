@@ -16,12 +16,11 @@ import torch
 
 from .model import scale_latents
 
-# The fitting colours: black, white, greys, primaries, secondaries and a few mixed ones, in [0, 1].
-_FIT_COLOURS = np.array([
+# The fitting colours: black, white, greys, primaries and secondaries, and seeded random ones, in [0, 1].
+_FIT_COLOURS = np.concatenate([np.array([
     [0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [0.75, 0.75, 0.75],
     [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1],
-    [1, 0.5, 0], [0.5, 0, 1], [0, 0.5, 0.25], [0.6, 0.3, 0.2], [0.2, 0.4, 0.8],
-], dtype=np.float32)
+], dtype=np.float32), np.random.default_rng(0).random((53, 3), dtype=np.float32)])
 _FIT_SIDE = 64
 
 
