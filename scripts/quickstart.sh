@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model (trained on coloured shapes): set up, write the model, fill a
-# Triton model repository for 2 CPU ranks, start the real tritonserver, generate one image through it over
-# HTTP, save it, stop.
+# The main job on the embedded default model (trained on coloured shapes): set up, write the model, build its
+# ONNX Runtime segment engines and decoder pieces and fill a Triton model repository for 2 CPU ranks, start
+# the real tritonserver, generate one image through it over HTTP, save it, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

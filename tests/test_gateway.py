@@ -336,6 +336,31 @@ def test_a_cancel_marker_reaches_only_its_own_request(tmp_path):
     assert not cancel_probe({CANCEL_PARAMETER: mine}, {})()  # no folder: nothing is signalled
 
 
+def test_step_progress_travels_in_order_with_previews_and_only_where_a_stream_asked(tmp_path):
+    from python_backend.serving.signals import PROGRESS_DIR_ENV_VAR, PROGRESS_PARAMETER, ProgressReader, ProgressWriter
+
+    environ = {PROGRESS_DIR_ENV_VAR: str(tmp_path)}
+    key = CancelMarkers.new_key()
+    assert ProgressWriter.for_request({PROGRESS_PARAMETER: key}, environ) is None  # no stream made its folder
+    reader = ProgressReader(tmp_path, key)
+    writer = ProgressWriter.for_request(json.dumps({PROGRESS_PARAMETER: key}), environ)
+    latents = np.arange(2 * 4 * 3 * 3, dtype=np.float32).reshape(2, 4, 3, 3)
+    for step in range(1, 13):  # more steps than one read: none is lost, the order is kept
+        writer.write(step, 12, 0.5 * step, latents if step % 5 == 0 else None)
+    reports = reader.read() + reader.read()
+    assert [r["step"] for r in reports] == list(range(1, 13)) and {r["steps"] for r in reports} == {12}
+    assert [r["step"] for r in reports if r["preview"] is not None] == [5, 10]
+    np.testing.assert_array_equal(reports[4]["preview"], latents)
+    assert reports[2]["wait_seconds"] == 1.5
+    reader.close()
+    assert not any(tmp_path.iterdir())
+    writer.write(13, 13, 0.0)  # a step reported after the stream ended is dropped, not an error
+    for forged in ("../x", "A" * 32, 3, None):
+        assert ProgressWriter.for_request({PROGRESS_PARAMETER: forged}, environ) is None
+    with pytest.raises(ValueError, match="not a progress key"):
+        ProgressReader(tmp_path, "../elsewhere")
+
+
 def test_published_states_read_as_readiness_problems(tmp_path):
     environ = {STATUS_DIR_ENV_VAR: str(tmp_path)}
     me = os.getpid()

@@ -18,7 +18,7 @@ from python_backend.core.modes import Mode
 from python_backend.core.parallel import ParallelConfig
 from python_backend.core.ranks import run_on_ranks
 
-REQUEST = GenerationRequest("a photo of an astronaut riding a horse", height=256, width=256, steps=8,
+REQUEST = GenerationRequest("a photo of an astronaut riding a horse", height=256, width=256, steps=5,
                             guidance=5.0, scheduler="euler", seed=3)
 BATCH = GenerationRequest("two cats", height=256, width=128, steps=4, guidance=4.0, scheduler="euler-a",
                           seed=9, num_images=2)

@@ -58,7 +58,8 @@ def test_rank_service_serves_requests_one_after_another(tiny_sdxl):
 RANK_TIMEOUT = 5.0
 
 
-@pytest.mark.parametrize("fault, victim_rank", [("killed", 0), ("killed", 1), ("hung", 1)])
+# a killed rank 0 through the served path: tests/test_faults.py
+@pytest.mark.parametrize("fault, victim_rank", [("killed", 1), ("hung", 1)])
 def test_a_failed_rank_fails_only_its_request_and_the_next_is_exact_and_as_fast(tiny_sdxl, fault, victim_rank):
     """The group restarts inside the failed request, and is loaded and warm before it returns: the
     next request (like the first one after the start) costs what any other does. Rank 0 is a worker

@@ -120,13 +120,16 @@ class ProgressWriter:
         import numpy as np
 
         name = f"{step:06d}"
-        if preview is not None:
-            np.save(self.folder / f"{name}.tmp.npy", np.asarray(preview, dtype=np.float32))
-            (self.folder / f"{name}.tmp.npy").replace(self.folder / f"{name}.npy")
-        temporary = self.folder / f"{name}.tmp"
-        temporary.write_text(json.dumps({"step": step, "steps": steps, "wait_seconds": wait_seconds,
-                                         "preview": preview is not None}))
-        temporary.replace(self.folder / f"{name}.json")
+        try:
+            if preview is not None:
+                np.save(self.folder / f"{name}.tmp.npy", np.asarray(preview, dtype=np.float32))
+                (self.folder / f"{name}.tmp.npy").replace(self.folder / f"{name}.npy")
+            temporary = self.folder / f"{name}.tmp"
+            temporary.write_text(json.dumps({"step": step, "steps": steps, "wait_seconds": wait_seconds,
+                                             "preview": preview is not None}))
+            temporary.replace(self.folder / f"{name}.json")
+        except FileNotFoundError:  # the stream has ended and removed its folder: nobody reads any more
+            pass
 
 
 class ProgressReader:
