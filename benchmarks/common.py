@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 
 def model_or_tiny(model: Path | None) -> Path:
-    """``model``, or the embedded default model written to a fresh temporary folder."""
+    """``model``, or the tiny random-weight SDXL-layout model (seed 0) written to a fresh temporary folder."""
     if model is not None:
         return Path(model)
     from python_backend.embedded.tiny_model import write_tiny_sdxl
