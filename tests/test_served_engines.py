@@ -65,8 +65,9 @@ def test_build_writes_every_ranks_segments_and_a_repository_that_decodes_on_the_
         assert all((build / "vae" / f"rank{index}" / e["file"]).is_file() for e in decoder["program"] if "file" in e)
     repository = cli_run["repository"]
     # N > 1: the rank group decodes (parallel VAE, the default), so there is no single-device vae_decoder
-    assert sorted(p.name for p in repository.iterdir()) == ["denoiser", "pipeline", "postprocess", "text_encoder"]
-    for model in ("denoiser", "pipeline", "postprocess", "text_encoder"):
+    served = ["denoiser", "pipeline", "pipeline_stream", "postprocess", "text_encoder"]
+    assert sorted(p.name for p in repository.iterdir()) == served
+    for model in served:
         assert (repository / model / "config.pbtxt").is_file()
     config = (repository / "denoiser" / "config.pbtxt").read_text()
     for key, value in (("engine", "onnxruntime"), ("engine_dir", str(build.resolve())), ("ranks", str(RANKS)),

@@ -38,7 +38,7 @@ def test_the_rank_group_decodes_and_the_image_equals_one_device_decoding(tiny_sd
     assert settings.decodes_on_ranks, "N > 1 decodes on the ranks by default"
     with serve_repository(settings, tmp_path) as server:
         assert sorted(p.name for p in (tmp_path / "repository").iterdir()) == \
-            ["denoiser", "pipeline", "postprocess", "text_encoder"]
+            ["denoiser", "pipeline", "pipeline_stream", "postprocess", "text_encoder"]
         client = grpcclient.InferenceServerClient(server.urls["grpc"])
         try:
             assert not client.is_model_ready("vae_decoder")

@@ -361,9 +361,8 @@ class RankService:
 
     def _run(self, request: GenerationRequest, parallel: ParallelConfig, cond: Conditioning | None = None,
              on_step=None, should_stop=None, decode: bool = False, preview_every: int = 0) -> GenerationResult:
-        """Hands the request to rank 0 and follows it: after every step rank 0 reports, ``on_step`` runs (with
-        the ``StepReport``) and
-        rank 0 is told to go on or stop (``should_stop``), as rank 0 itself decided when it lived here;
+        """Hands the request to rank 0 and follows it: after every step rank 0 reports, ``on_step`` runs with
+        its ``StepReport`` and rank 0 is told to go on or stop (``should_stop``), as rank 0 itself decided when it lived here;
         then the answer (with the image when ``decode``). Raises ``_GroupBroken`` when a rank dies or rank 0
         falls silent."""
         if decode and not self.config.decode:
