@@ -76,6 +76,23 @@ def tiny_serving_settings(model, **overrides):
     return ServingSettings(**{**values, **overrides})
 
 
+FAULTS_TIMEOUT = 8.0  # the faults server's request timeout (s)
+FAULTS_RANK_TIMEOUT = 10.0  # ... and rank timeout (s)
+FAULTS_LONG = 10_000  # steps it allows: many minutes of denoising, far longer than its request timeout
+
+
+@pytest.fixture(scope="session")
+def faults_server(tiny_sdxl, tmp_path_factory):
+    """One tritonserver for the fault, streaming and demo tests (test_faults.py, test_demo.py): short
+    timeouts and very long generations allowed, so a test can start one and stop it."""
+    from python_backend.serving.repository import serve_repository
+
+    settings = tiny_serving_settings(tiny_sdxl, default_steps=2, warmup_steps=1, max_steps=FAULTS_LONG,
+                                     request_timeout_s=FAULTS_TIMEOUT, rank_timeout_s=FAULTS_RANK_TIMEOUT)
+    with serve_repository(settings, tmp_path_factory.mktemp("faults")) as triton:
+        yield triton
+
+
 def reference_image(model, prompt: str, seed: int, steps: int, size: int = TINY_SIZE):
     """The image the served defaults should give, generated in this process on one CPU rank in float32."""
     from python_backend.cli.generate_job import GenerationJob, run_generation_job

@@ -21,23 +21,20 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from python_backend.client import StreamCancelled, generate, generate_stream
-from conftest import TINY_SIZE as SIZE, ready_answer, rank_workers, tiny_serving_settings, wait_until_busy, wait_until_exited
+from conftest import (FAULTS_LONG, FAULTS_RANK_TIMEOUT, FAULTS_TIMEOUT, TINY_SIZE as SIZE, ready_answer, rank_workers,
+                      wait_until_busy, wait_until_exited)
 from python_backend.client.request import request_tensors
-from python_backend.serving.repository import serve_repository
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT = 8.0  # the served request timeout (s)
-RANK_TIMEOUT = 10.0  # the served rank timeout (s)
-LONG = 10_000  # steps (this deployment allows them): many minutes of denoising, far longer than TIMEOUT
+TIMEOUT = FAULTS_TIMEOUT  # the served request timeout (s)
+RANK_TIMEOUT = FAULTS_RANK_TIMEOUT  # the served rank timeout (s)
+LONG = FAULTS_LONG  # steps (this deployment allows them): many minutes of denoising, far longer than TIMEOUT
 
 
-@pytest.fixture(scope="module")
-def server(tiny_sdxl, tmp_path_factory):
-    settings = tiny_serving_settings(tiny_sdxl, default_steps=2, warmup_steps=1, max_steps=LONG,
-                                     request_timeout_s=TIMEOUT, rank_timeout_s=RANK_TIMEOUT)
-    with serve_repository(settings, tmp_path_factory.mktemp("faults")) as triton:
-        yield triton
+@pytest.fixture
+def server(faults_server):
+    return faults_server
 
 
 def _solo(server):

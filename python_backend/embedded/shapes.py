@@ -190,6 +190,12 @@ def render(spec: SceneSpec, size: int = 256, rng: np.random.Generator | None = N
     With ``rng``, the object's position, extent and both colours are jittered a little (within the bounds in the
     module docstring, never enough to change what the caption says); without it the canonical image is drawn.
     """
+    return render_with_coverage(spec, size, rng)[0]
+
+
+def render_with_coverage(spec: SceneSpec, size: int = 256,
+                         rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``render``'s image and the object's coverage of each pixel, float [size, size] in [0, 1]."""
     row, col = POSITIONS[spec.position]
     cx, cy = CELL_CENTRES[col] * size, CELL_CENTRES[row] * size
     extent = SIZE_EXTENTS[spec.size] * size
@@ -201,7 +207,7 @@ def render(spec: SceneSpec, size: int = 256, rng: np.random.Generator | None = N
     background = _background(spec, _jittered_colour(spec.background, rng), size, rng)
     alpha = _coverage(spec.shape, cx, cy, extent, size)[..., None]
     image = background * (1 - alpha) + obj * alpha
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), alpha[..., 0]
 
 
 # --------------------------------------------------------------------------------------

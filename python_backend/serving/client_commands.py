@@ -54,6 +54,13 @@ def add_client_commands(commands) -> None:
     perf.add_argument("--csv", type=Path, default=Path("perf.csv"), help="where the CSV report goes (default perf.csv)")
     perf.set_defaults(handler=_perf)
 
+    demo = commands.add_parser("demo", help="a web page for a running server: prompt, settings, live progress "
+                               "and previews, the image, Stop")
+    demo.add_argument("--url", required=True, help="HOST:PORT of the server's gRPC endpoint (8001)")
+    demo.add_argument("--host", default="127.0.0.1", help="address the page listens on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=7860, help="port of the page (default 7860)")
+    demo.set_defaults(handler=_demo)
+
 
 def _usage_error(command: str, message: str) -> int:
     print(f"distrifusion {command}: error: {message}", file=sys.stderr)
@@ -103,6 +110,28 @@ def _client(args) -> int:
     Image.fromarray(image).save(args.out, format="PNG")
     print(f"saved {args.out} ({image.shape[1]}x{image.shape[0]})")
     print(f"the request took {seconds:.2f} seconds over {'HTTP' if args.protocol == 'http' else 'gRPC'}")
+    return 0
+
+
+def _demo(args) -> int:
+    problem = _check_url(args.url)
+    if not 0 <= args.port <= 65535:
+        problem = problem or f"--port must be 0 to 65535, got {args.port}"
+    if problem:
+        return _usage_error("demo", problem)
+    from ..demo.app import start_demo, stop_demo
+
+    try:
+        server, thread = start_demo(args.url, args.host, args.port)
+    except OSError as error:
+        return _usage_error("demo", f"cannot listen on {args.host}:{args.port}: {error}")
+    print(f"the demo page is at {server.url} (Triton gRPC at {args.url}); Ctrl-C stops it", flush=True)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_demo(server)
     return 0
 
 
