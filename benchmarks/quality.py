@@ -150,6 +150,24 @@ def main() -> None:
     print(f"wrote {args.out} and {args.grid}")
 
 
+PAPER_ORDER = ("corrected_async_gn", "separate_gn", "stale_gn", "naive_patch")
+"""The paper's ordering by quality: corrected >= separate >= stale > naive patches."""
+
+
+def paper_ordering(rows) -> list[str]:
+    """One line per N: whether the PSNRs (4 warm-up steps) follow :data:`PAPER_ORDER`, with the numbers."""
+    lines = []
+    for world_size in sorted({row[0] for row in rows}):
+        psnr_of = {mode: quality for n, mode, warmup, quality, _, _ in rows if n == world_size and warmup == 4}
+        if not all(mode in psnr_of for mode in PAPER_ORDER):
+            continue
+        values = [psnr_of[mode] for mode in PAPER_ORDER]
+        holds = values[0] >= values[1] >= values[2] > values[3]
+        chain = " / ".join(f"{mode} {psnr_of[mode]:.2f}" for mode in PAPER_ORDER)
+        lines.append(f"- N = {world_size}: {'holds' if holds else 'does not hold'} ({chain} dB)")
+    return lines
+
+
 def write_report(args, captions, one_accuracy, one_per, rows, warmup_rows) -> None:
     table = lambda rs: [f"| {n} | `{m}` | {w} | {p:.2f} | {e:.4f} | {a:.1%} |" for n, m, w, p, e, a in rs]  # noqa: E731
     header = ["| N | mode | warm-up steps | PSNR vs N=1 (dB) | latent rel L2 | checker accuracy |",
@@ -179,6 +197,10 @@ def write_report(args, captions, one_accuracy, one_per, rows, warmup_rows) -> No
         f"## Every mode at N = {', '.join(map(str, args.ranks))} ({args.captions} captions, 4 warm-up steps)",
         "",
         *header, *table(rows),
+        "",
+        "Does the paper's ordering (corrected >= separate >= stale > naive patches, by PSNR) hold on this model?",
+        "",
+        *paper_ordering(rows),
         "",
         "## Warm-up steps, corrected_async_gn at N = 4",
         "",

@@ -153,27 +153,37 @@ def _vae_step(vae, batch: torch.Tensor, optimizer, generator, config: TrainingCo
     return float(loss.detach())
 
 
-def train_vae(vae, config: TrainingConfig, record: TrainingLog) -> None:
-    """Crops first (cheap: the VAE is convolutional), then whole images (:func:`finish_vae_on_whole_images`)."""
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    rng = np.random.default_rng(config.seed + 1)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+def _vae_phase(vae, phase: str, steps: int, lr: float, seed: int, make_batch, config: TrainingConfig,
+               record: TrainingLog) -> None:
+    """``steps`` optimizer steps on ``make_batch(rng)`` = (images, loss weights or None), a fresh AdamW with
+    warm-up and cosine decay, its own seeded generators; the losses go to ``record.vae_losses``."""
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     started = time.perf_counter()
-    for step in range(config.vae_steps):
+    for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config.vae_lr, 50, config.vae_steps)
+            group["lr"] = _lr_at(step, lr, 50, steps)
+        batch, weights = make_batch(rng)
+        record.vae_losses.append(_vae_step(vae, batch, optimizer, generator, config, weights))
+        if step % config.log_every == 0 or step == steps - 1:
+            log.info("VAE step %d/%d (%s): loss %.5f (%.0f s)", step + 1, steps, phase,
+                     float(np.mean(record.vae_losses[-config.log_every:])), time.perf_counter() - started)
+    vae.eval()
+    record.seconds[f"vae_{phase.replace(' ', '_')}"] = time.perf_counter() - started
+
+
+def train_vae(vae, config: TrainingConfig, record: TrainingLog) -> None:
+    """Crops first (cheap: the VAE is convolutional), then whole images (:func:`finish_vae_on_whole_images`)."""
+    def crops(rng):
         specs = [shapes.random_scene(rng) for _ in range(config.vae_batch)]
         batch = _to_tensor([shapes.render(spec, config.size, rng) for spec in specs])
-        batch = torch.stack([image[:, top:top + config.vae_crop, left:left + config.vae_crop]
-                             for image, (top, left) in zip(batch, _crop_corners(specs, config, rng))])
-        record.vae_losses.append(_vae_step(vae, batch, optimizer, generator, config))
-        if step % config.log_every == 0 or step == config.vae_steps - 1:
-            log.info("VAE step %d/%d (crops): loss %.5f (%.0f s)", step + 1, config.vae_steps,
-                     float(np.mean(record.vae_losses[-config.log_every:])), time.perf_counter() - started)
-    record.seconds["vae_crops"] = time.perf_counter() - started
+        return torch.stack([image[:, top:top + config.vae_crop, left:left + config.vae_crop]
+                            for image, (top, left) in zip(batch, _crop_corners(specs, config, rng))]), None
+
+    _vae_phase(vae, "crops", config.vae_steps, config.vae_lr, config.seed + 1, crops, config, record)
     finish_vae_on_whole_images(vae, config, record)
-    record.seconds["vae"] = time.perf_counter() - started
 
 
 def finish_vae_on_whole_images(vae, config: TrainingConfig, record: TrainingLog) -> None:
@@ -181,24 +191,14 @@ def finish_vae_on_whole_images(vae, config: TrainingConfig, record: TrainingLog)
     centred on it several times more than it fills the image: trained on crops alone, the VAE decoded
     whole images' objects in the wrong colour (44 % read right, 72 % after 600 whole-image steps). The
     object is a few percent of a whole image, so its pixels weigh ``1 + vae_object_weight`` in the loss."""
-    generator = torch.Generator().manual_seed(config.seed + 4)
-    rng = np.random.default_rng(config.seed + 4)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_full_lr, weight_decay=0.0)
-    vae.train()
-    started = time.perf_counter()
-    for step in range(config.vae_full_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config.vae_full_lr, 50, config.vae_full_steps)
+    def whole_images(rng):
         drawn = [shapes.render_with_coverage(shapes.random_scene(rng), config.size, rng)
                  for _ in range(config.vae_full_batch)]
-        weights = 1 + config.vae_object_weight * torch.from_numpy(np.stack([c for _, c in drawn])).float()[:, None]
-        record.vae_losses.append(_vae_step(vae, _to_tensor([image for image, _ in drawn]), optimizer, generator,
-                                           config, weights))
-        if step % config.log_every == 0 or step == config.vae_full_steps - 1:
-            log.info("VAE step %d/%d (whole images): loss %.5f (%.0f s)", step + 1, config.vae_full_steps,
-                     float(np.mean(record.vae_losses[-config.log_every:])), time.perf_counter() - started)
-    vae.eval()
-    record.seconds["vae_whole_images"] = time.perf_counter() - started
+        coverage = torch.from_numpy(np.stack([c for _, c in drawn])).float()[:, None]
+        return _to_tensor([image for image, _ in drawn]), 1 + config.vae_object_weight * coverage
+
+    _vae_phase(vae, "whole images", config.vae_full_steps, config.vae_full_lr, config.seed + 4, whole_images,
+               config, record)
 
 
 @torch.no_grad()
