@@ -58,6 +58,19 @@ def test_a_render_without_a_generator_is_canonical():
     assert canonical.tobytes() != shapes.render(spec, rng=np.random.default_rng(0)).tobytes()
 
 
+def test_the_coverage_is_the_objects_share_of_each_pixel():
+    spec = SceneSpec("star", "yellow", "center", "small", "purple", "gradient")
+    image, coverage = shapes.render_with_coverage(spec, rng=np.random.default_rng(3))
+    assert image.tobytes() == shapes.render(spec, rng=np.random.default_rng(3)).tobytes()  # the same draw
+    assert coverage.shape == (256, 256) and coverage.min() == 0.0 and coverage.max() == 1.0
+    inside, outside = image[coverage == 1].astype(int), image[coverage == 0].astype(int)
+    yellow, purple = np.array(shapes.COLOURS["yellow"]), np.array(shapes.COLOURS["purple"])
+    assert np.abs(inside - yellow).max() <= shapes.COLOUR_JITTER
+    assert np.abs(outside - purple).max() <= shapes.COLOUR_JITTER + shapes.GRADIENT_AMPLITUDE + 1
+    extent = shapes.SIZE_EXTENTS["small"] * 256  # a star fills about 0.38 of its bounding box
+    assert 0.25 * extent**2 < coverage.sum() < 0.5 * extent**2
+
+
 def test_the_object_is_where_and_what_the_caption_says():
     spec = SceneSpec("circle", "red", "top left", "large", "blue")
     image = shapes.render(spec)

@@ -29,14 +29,29 @@ def test_held_out_captions_are_never_trained_on():
 def test_training_runs_end_to_end_and_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    config = training.TrainingConfig(vae_steps=3, vae_batch=2, images=8, unet_steps=3, unet_batch=4, log_every=1)
+    config = training.TrainingConfig(vae_steps=3, vae_full_steps=2, vae_full_batch=1, vae_batch=2, images=8,
+                                     unet_steps=3, unet_batch=4, log_every=1)
     out = training.train_tiny_model(tmp_path / "model", config)
     record = json.loads((out / "training.json").read_text())
-    assert len(record["vae_losses"]) == 3 and len(record["unet_losses"]) == 3
+    assert len(record["vae_losses"]) == 3 + 2 and len(record["unet_losses"]) == 3
     assert record["scaling_factor"] > 0 and (out / "loss_curve.png").stat().st_size > 1000
     pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.unet.config.layers_per_block == training.TRAINED_UNET["layers_per_block"]
+    assert tuple(pipe.vae.config.block_out_channels) == training.TRAINED_VAE["block_out_channels"]
     assert pipe.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
+    # sampling starts from pure noise at the last training timestep, as the model was trained
+    scheduler = pipe.scheduler
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
+    scheduler.set_timesteps(20)
+    assert int(scheduler.timesteps[0]) == 999
+    # a second run takes the first one's VAE stage instead of training its own, and keeps its losses
+    again = training.train_tiny_model(tmp_path / "again", config, vae_from=out / "vae_stage")
+    assert json.loads((again / "training.json").read_text())["vae_losses"] == record["vae_losses"]
+    assert (again / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size == \
+        (out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size
+    loaded = StableDiffusionXLPipeline.from_pretrained(again, local_files_only=True).vae
+    for (name, a), b in zip(pipe.vae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.skipif(not (TRAINED_SDXL / "model_index.json").is_file(), reason="the trained weights are not shipped")
