@@ -93,3 +93,16 @@ def test_the_command_writes_the_trained_model_by_default_and_random_weights_on_r
     assert "random weights" in tiny_model(str(tmp_path / "sd15"), "--family", "sd15")
     config = json.loads((tmp_path / "random" / "unet" / "config.json").read_text())
     assert config["layers_per_block"] == 2  # the random test model's layout, not the trained one's
+
+
+def test_every_scheduler_keeps_the_trained_schedule_and_never_clips_latents():
+    from python_backend.core.defaults import SCHEDULERS
+    from python_backend.core.model import make_scheduler
+
+    config = training.sampling_scheduler().config
+    for name in SCHEDULERS:
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(20)
+        assert scheduler.config.prediction_type == "v_prediction", name
+        assert int(scheduler.timesteps[0]) == 999, name  # trailing: the first step is the pure-noise one
+        assert not getattr(scheduler.config, "clip_sample", False), name  # DDIM's default would clip latents

@@ -98,7 +98,9 @@ def make_scheduler(name: str, config):
     )
 
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        # Latents are never clipped: DDIM's default clip_sample=True (meant for pixel-space models) applies
+        # where a model's scheduler config does not say, e.g. an Euler config such as the embedded model's.
+        return DDIMScheduler.from_config(config, clip_sample=False)
     if name == "euler":
         return EulerDiscreteScheduler.from_config(config)
     if name == "euler-a":
