@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from python_backend.core.modes import Mode
 from python_backend.core.parallel import ParallelConfig
 from python_backend.core.ranks import run_on_ranks
 
-from common import model_or_tiny  # also puts the repository root on sys.path
+import common  # noqa: F401  (puts the repository root on sys.path)
 
 REPORT_MODES = [Mode.FULL_SYNC, Mode.SYNC_GN, Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN, Mode.SEPARATE_GN,
                 Mode.NO_SYNC, Mode.NAIVE_PATCH]
@@ -114,7 +115,12 @@ def main() -> None:
 
     from python_backend.embedded.training import held_out_specs
 
-    model = model_or_tiny(args.model)
+    if args.model is not None:
+        model = args.model
+    else:  # the trained embedded model: random weights would draw nothing to check
+        from python_backend.embedded.tiny_model import write_trained_sdxl
+
+        model = write_trained_sdxl(Path(tempfile.mkdtemp()) / "trained-sdxl")
     specs = held_out_specs(max(args.held_out, args.captions))
     captions = [spec.caption() for spec in specs]
     request = GenerationRequest("", height=args.size, width=args.size, steps=args.steps, guidance=5.0,

@@ -4,6 +4,7 @@ writes the trained model by default and a random one on request."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from python_backend.embedded import training
-from python_backend.embedded.tiny_model import TRAINED_SDXL, write_trained_sdxl
+from python_backend.embedded.tiny_model import TRAINED_SDXL, write_tiny_sdxl, write_trained_sdxl
 
 CAPTIONS = 8  # held-out captions drawn here (the quality report reads 50)
 
@@ -44,8 +45,15 @@ def test_training_runs_end_to_end_and_writes_a_loadable_pipeline(tmp_path):
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
     scheduler.set_timesteps(20)
     assert int(scheduler.timesteps[0]) == 999
-    # a second run takes the first one's VAE stage instead of training its own, and keeps its losses
-    again = training.train_tiny_model(tmp_path / "again", config, vae_from=out / "vae_stage")
+    # a second run takes the first one's VAE stage instead of training its own, and keeps its losses; with
+    # text_encoder_lr 0 its text encoders keep their seeded weights
+    frozen = dataclasses.replace(config, text_encoder_lr=0.0)
+    again = training.train_tiny_model(tmp_path / "again", frozen, vae_from=out / "vae_stage")
+    seeded = write_tiny_sdxl(tmp_path / "seeded", seed=config.seed)
+    for folder in ("text_encoder", "text_encoder_2"):
+        weights = (again / folder / "model.safetensors").read_bytes()
+        assert weights == (seeded / folder / "model.safetensors").read_bytes(), folder
+        assert weights != (out / folder / "model.safetensors").read_bytes(), folder  # the first run trained them
     assert json.loads((again / "training.json").read_text())["vae_losses"] == record["vae_losses"]
     assert (again / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size == \
         (out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size
@@ -74,8 +82,10 @@ def test_the_trained_model_loads_and_draws_its_captions(tmp_path):
         images = decode_latents(pipe, denoiser.generate(request, cond=cond).latents)
     per = per_attribute_accuracy([(check(image), spec) for image, spec in zip(images, specs)])
     print(f"\nchecker on {CAPTIONS} held-out captions: {per}")
-    # measured 0.43 on these 8 (chance is about 0.23): well short of the 0.9 issue 9 asks; a better model is to come
-    assert np.mean(list(per.values())) >= 0.35, per
+    # measured 0.525 on these 8 (shape 0.25, colour 0.62, position 0, size 0.88, background 0.88; chance is about
+    # 0.23); 0.584 on all 50 (docs/embedded_model.md): short of the 0.9 issue 9 asks, position and shape unlearned
+    assert np.mean(list(per.values())) >= 0.45, per
+    assert per["background"] >= 0.75 and per["size"] >= 0.75, per  # what the zero-SNR schedule and the VAE fixed
 
 
 def test_the_command_writes_the_trained_model_by_default_and_random_weights_on_request(tmp_path):

@@ -77,7 +77,7 @@ class TrainingConfig:
     unet_steps: int = 3600
     unet_batch: int = 32
     unet_lr: float = 2e-3
-    text_encoder_lr: float = 5e-4  # the text encoders train with the UNet (they start from seeded random weights)
+    text_encoder_lr: float = 5e-4  # the text encoders train with the UNet from seeded random weights; 0: frozen
     unet_warmup_steps: int = 200
     snr_gamma: float = 5.0  # v-loss weight min(1, (1 + gamma) / (1 + SNR)): detail-only timesteps count less
     cfg_dropout: float = 0.1
@@ -250,14 +250,21 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: Trainin
     text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
     time_ids = torch.tensor([[config.size, config.size, 0, 0, config.size, config.size]], dtype=torch.float32)
     generator = torch.Generator().manual_seed(config.seed + 2)
-    groups = [{"params": list(unet.parameters()), "base_lr": config.unet_lr},
-              {"params": [p for encoder in text_encoders for p in encoder.parameters()],
-               "base_lr": config.text_encoder_lr}]
+    frozen_text = config.text_encoder_lr == 0  # the encoders keep their seeded weights: encode every caption once
+    groups = [{"params": list(unet.parameters()), "base_lr": config.unet_lr}]
+    if not frozen_text:
+        groups.append({"params": [p for encoder in text_encoders for p in encoder.parameters()],
+                       "base_lr": config.text_encoder_lr})
     optimizer = torch.optim.AdamW(groups, lr=config.unet_lr, weight_decay=1e-2)
     trained = [p for group in groups for p in group["params"]]
-    for module in (unet, *text_encoders):
+    learning = (unet,) if frozen_text else (unet, *text_encoders)
+    for module in learning:
         module.train()
         module.requires_grad_(True)
+    if frozen_text:
+        log.info("text encoders frozen: encoding the %d captions once", len(captions))
+        with torch.no_grad():
+            all_embeds, all_pooled = encode_tokens(pipe, ids_1, ids_2)
     started = time.perf_counter()
     for step in range(config.unet_steps):
         for group in optimizer.param_groups:
@@ -268,7 +275,10 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: Trainin
         timesteps = torch.randint(0, 1000, (config.unet_batch,), generator=generator)
         noisy = noise_schedule.add_noise(clean, noise, timesteps)
         keep = (torch.rand(config.unet_batch, generator=generator) >= config.cfg_dropout).float()
-        embeds, pooled = encode_tokens(pipe, ids_1[index], ids_2[index])
+        if frozen_text:
+            embeds, pooled = all_embeds[index], all_pooled[index]
+        else:
+            embeds, pooled = encode_tokens(pipe, ids_1[index], ids_2[index])
         prediction = unet(noisy, timesteps, encoder_hidden_states=embeds * keep[:, None, None],
                           added_cond_kwargs={"text_embeds": pooled * keep[:, None],
                                              "time_ids": time_ids.expand(config.unet_batch, -1)}).sample
@@ -287,7 +297,7 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: Trainin
         if checkpoint is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             pipe.save_pretrained(checkpoint, safe_serialization=True)
             log.info("checkpoint after %d UNet steps written to %s", step + 1, checkpoint)
-    for module in (unet, *text_encoders):
+    for module in learning:
         module.eval()
         module.requires_grad_(False)
     record.seconds["unet"] = time.perf_counter() - started
@@ -369,7 +379,8 @@ def draw_loss_curve(record: TrainingLog, path: pathlib.Path, width: int = 900, h
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    panels = [("VAE reconstruction loss", record.vae_losses), ("UNet noise-prediction loss", record.unet_losses)]
+    panels = [("VAE reconstruction loss (crops, then whole images object-weighted)", record.vae_losses),
+              ("UNet v-prediction loss (SNR-capped weights)", record.unet_losses)]
     panel_width = width // len(panels)
     for i, (title, losses) in enumerate(panels):
         left, top, right, bottom = i * panel_width + 50, 30, (i + 1) * panel_width - 15, height - 40
