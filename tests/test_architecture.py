@@ -4,7 +4,8 @@
     engines   UNet segments, export, runners, build cache           -> core
     embedded  the project's own default model                       -> core
     client    request tensors and Triton clients (no torch)         -> core.defaults only
-    serving   Triton models, rank service, repository, launcher     -> core, engines, client
+    demo      the browser page and its proxy (no torch)             -> client, core.defaults
+    serving   Triton models, rank service, repository, launcher     -> core, engines, client, demo (its command)
     cli       the command line                                      -> everything
 """
 
@@ -20,8 +21,9 @@ ALLOWED = {
     "engines": {"core", "engines"},
     "embedded": {"core", "embedded"},
     "client": {"client", "core.defaults"},
-    "serving": {"core", "engines", "client", "serving"},
-    "cli": {"core", "engines", "client", "serving", "embedded", "cli"},
+    "demo": {"client", "core.defaults", "demo"},
+    "serving": {"core", "engines", "client", "demo", "serving"},
+    "cli": {"core", "engines", "client", "demo", "serving", "embedded", "cli"},
 }
 
 
