@@ -49,6 +49,8 @@ def test_training_runs_end_to_end_and_writes_a_loadable_pipeline(tmp_path):
     # text_encoder_lr 0 its text encoders keep their seeded weights
     frozen = dataclasses.replace(config, text_encoder_lr=0.0)
     again = training.train_tiny_model(tmp_path / "again", frozen, vae_from=out / "vae_stage")
+    # a trained pipeline's vae folder is a VAE stage too (its losses come from the pipeline's training.json)
+    assert training._vae_stage_losses(out / "vae") == record["vae_losses"]
     seeded = write_tiny_sdxl(tmp_path / "seeded", seed=config.seed)
     for folder in ("text_encoder", "text_encoder_2"):
         weights = (again / folder / "model.safetensors").read_bytes()

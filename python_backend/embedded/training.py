@@ -311,6 +311,16 @@ def sampling_scheduler():
     return EulerDiscreteScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
 
 
+def _vae_stage_losses(folder: pathlib.Path) -> list[float]:
+    """The losses of a VAE stage: its own ``vae_losses.json``, or, for a trained pipeline's ``vae`` folder
+    (the shipped model's VAE is its VAE stage), the pipeline's ``training.json``."""
+    for path, key in ((folder / "vae_losses.json", None), (folder.parent / "training.json", "vae_losses")):
+        if path.is_file():
+            loaded = json.loads(path.read_text())
+            return loaded[key] if key else loaded
+    return []
+
+
 def train_vae_stage(out_dir: pathlib.Path, config: TrainingConfig, record: TrainingLog):
     """The first stage on its own: a new VAE trained from ``config.seed``, saved to ``out_dir`` with its losses."""
     from diffusers import AutoencoderKL
@@ -332,8 +342,9 @@ def train_tiny_model(out_dir, config: TrainingConfig = TrainingConfig(),
     """Writes the trained pipeline (diffusers layout), ``training.json`` and ``loss_curve.png``.
 
     ``vae_from``: a folder with the VAE that the first stage of a run with the same seed and VAE settings
-    wrote (``OUT/vae_stage``); it is loaded instead of training the VAE again (the UNet stage is the one
-    worth tuning, and the VAE stage takes a sixth of a run).
+    wrote (``OUT/vae_stage``, or a trained pipeline's ``vae`` such as the shipped model's); it is loaded
+    instead of training the VAE again (the UNet stage is the one worth tuning, and the VAE stage takes a
+    fifth of a run).
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -348,7 +359,7 @@ def train_tiny_model(out_dir, config: TrainingConfig = TrainingConfig(),
     if vae_from is not None:
         log.info("the VAE stage is taken from %s", vae_from)
         vae = AutoencoderKL.from_pretrained(vae_from, local_files_only=True)
-        record.vae_losses = json.loads((pathlib.Path(vae_from) / "vae_losses.json").read_text())
+        record.vae_losses = _vae_stage_losses(pathlib.Path(vae_from))
     else:
         vae = train_vae_stage(out / "vae_stage", config, record)
     torch.manual_seed(config.seed + 10)
