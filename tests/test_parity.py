@@ -28,7 +28,9 @@ def _diffusers_scheduler(name, config):
 
     if name == "dpmpp-2m":  # DPM-Solver++ (2M): second-order multistep, diffusers' documented recipe
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler}
+    if name == "ddim":  # a latent diffusion model's DDIM never clips (SD and SDXL configs say so themselves)
+        return DDIMScheduler.from_config(config, clip_sample=False)
+    classes = {"euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler}
     return classes[name].from_config(config)
 
 
