@@ -53,6 +53,29 @@ _GRPC_SERVICE = "/inference.GRPCInferenceService/"
 Readiness = Callable[[], list[str]]
 
 
+LINGER_SECONDS = 2.0  # after refusing a request it closes on, the most time spent reading what the client still sends
+LINGER_BYTES = 64 * 1024 * 1024  # ... and the most bytes
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads and drops what the client is still sending, for a moment, before the connection closes after a
+    refusal (a lingering close, RFC 9112 section 9.6): closing with unread data makes the kernel reset the
+    connection, and a client still sending (the rest of an oversized chunked body) would then lose the
+    answer that names its mistake."""
+    loop = asyncio.get_running_loop()
+    deadline, dropped = loop.time() + LINGER_SECONDS, 0
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        while dropped < LINGER_BYTES and (remaining := deadline - loop.time()) > 0:
+            data = await asyncio.wait_for(reader.read(65536), remaining)
+            if not data:
+                return
+            dropped += len(data)
+    except (OSError, asyncio.TimeoutError):
+        pass
+
+
 class _Refused(Exception):
     """An HTTP request answered by the gateway itself with ``status`` and a JSON error."""
 
@@ -368,6 +391,8 @@ class HttpFront:
         except _Refused as refused:
             writer.write(_error_response(refused.status, refused.reason, refused.message, refused.close))
             await writer.drain()
+            if refused.close:
+                await _linger(reader, writer)
             return not refused.close
 
     async def _forward(self, outgoing: bytes, head_only: bool, reader: asyncio.StreamReader,
