@@ -9,6 +9,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `clients`
 
 
+def model_or_trained(model: Path | None) -> Path:
+    """``model``, or the trained embedded model copied to a fresh temporary folder."""
+    if model is not None:
+        return Path(model)
+    from python_backend.embedded.tiny_model import write_trained_sdxl
+
+    return write_trained_sdxl(Path(tempfile.mkdtemp()) / "trained-sdxl")
+
+
 def model_or_tiny(model: Path | None) -> Path:
     """``model``, or the tiny random-weight SDXL-layout model (seed 0) written to a fresh temporary folder."""
     if model is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from python_backend.core.modes import Mode
 from python_backend.core.parallel import ParallelConfig
 from python_backend.core.ranks import run_on_ranks
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+from common import model_or_trained  # also puts the repository root on sys.path
 
 REPORT_MODES = [Mode.FULL_SYNC, Mode.SYNC_GN, Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN, Mode.SEPARATE_GN,
                 Mode.NO_SYNC, Mode.NAIVE_PATCH]
@@ -115,12 +114,7 @@ def main() -> None:
 
     from python_backend.embedded.training import held_out_specs
 
-    if args.model is not None:
-        model = args.model
-    else:  # the trained embedded model: random weights would draw nothing to check
-        from python_backend.embedded.tiny_model import write_trained_sdxl
-
-        model = write_trained_sdxl(Path(tempfile.mkdtemp()) / "trained-sdxl")
+    model = model_or_trained(args.model)  # random weights would draw nothing for the checker
     specs = held_out_specs(max(args.held_out, args.captions))
     captions = [spec.caption() for spec in specs]
     request = GenerationRequest("", height=args.size, width=args.size, steps=args.steps, guidance=5.0,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..client.request import save_png
 from ..client.stream import StepMessage, StreamCancelled, generate_stream
 from ..core.defaults import SCHEDULERS
 
@@ -87,10 +88,8 @@ class Settings:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    save_png(image, buffer)
     return buffer.getvalue()
 
 

@@ -15,8 +15,9 @@ embeddings and time ids, AutoencoderKL, UNet2DConditionModel). Training, in orde
    min(1, (1 + gamma) / (1 + SNR)) so that the steps which only sharpen edges count less, with
    classifier-free-guidance dropout: a dropped caption is the zero conditioning, exactly what the SDXL
    pipeline feeds the unconditional half for an empty negative prompt (``force_zeros_for_empty_prompt``).
-   The two text encoders **train with the UNet** from their seeded random weights (frozen random
-   encoders left the background colour, a few tokens at the end of the caption, unread: 6 % right). The
+   The two text encoders **train with the UNet** from their seeded random weights (``text_encoder_lr``
+   0 keeps them frozen and encodes every caption once); trained this way they lose what separates
+   positions and shapes (docs/embedded_model.md). The
    UNet is the tiny SDXL layout with one ResNet and one transformer layer per block
    (:data:`TRAINED_UNET`): half the random test model's compute, so that it trains in about an hour on
    2 CPU cores.
@@ -265,6 +266,9 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: Trainin
         log.info("text encoders frozen: encoding the %d captions once", len(captions))
         with torch.no_grad():
             all_embeds, all_pooled = encode_tokens(pipe, ids_1, ids_2)
+        conditioning = lambda index: (all_embeds[index], all_pooled[index])  # noqa: E731
+    else:
+        conditioning = lambda index: encode_tokens(pipe, ids_1[index], ids_2[index])  # noqa: E731
     started = time.perf_counter()
     for step in range(config.unet_steps):
         for group in optimizer.param_groups:
@@ -275,10 +279,7 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: Trainin
         timesteps = torch.randint(0, 1000, (config.unet_batch,), generator=generator)
         noisy = noise_schedule.add_noise(clean, noise, timesteps)
         keep = (torch.rand(config.unet_batch, generator=generator) >= config.cfg_dropout).float()
-        if frozen_text:
-            embeds, pooled = all_embeds[index], all_pooled[index]
-        else:
-            embeds, pooled = encode_tokens(pipe, ids_1[index], ids_2[index])
+        embeds, pooled = conditioning(index)
         prediction = unet(noisy, timesteps, encoder_hidden_states=embeds * keep[:, None, None],
                           added_cond_kwargs={"text_embeds": pooled * keep[:, None],
                                              "time_ids": time_ids.expand(config.unet_batch, -1)}).sample

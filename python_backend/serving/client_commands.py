@@ -11,14 +11,16 @@ from __future__ import annotations
 import csv
 import importlib.resources
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ..client.infer import PROTOCOLS
-from ..client.request import add_request_arguments, request_options
+from ..client.request import add_request_arguments, request_options, save_png
 
 DEFAULT_PERF_INPUTS = Path(str(importlib.resources.files("python_backend.client") / "perf_inputs.json"))
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d+$")
@@ -103,11 +105,8 @@ def _client(args) -> int:
         print(f"distrifusion client: request failed: {error}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-
-    from PIL import Image
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(args.out, format="PNG")
+    save_png(image, args.out)
     print(f"saved {args.out} ({image.shape[1]}x{image.shape[0]})")
     print(f"the request took {seconds:.2f} seconds over {'HTTP' if args.protocol == 'http' else 'gRPC'}")
     return 0
@@ -125,13 +124,14 @@ def _demo(args) -> int:
         server, thread = start_demo(args.url, args.host, args.port)
     except OSError as error:
         return _usage_error("demo", f"cannot listen on {args.host}:{args.port}: {error}")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     print(f"the demo page is at {server.url} (Triton gRPC at {args.url}); Ctrl-C stops it", flush=True)
-    try:
-        thread.join()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_demo(server)
+    while thread.is_alive() and not stop.wait(0.5):
+        continue
+    stop_demo(server)  # cancels running generations: the server frees the rank group at the next step
+    print("the demo page stopped", flush=True)
     return 0
 
 

@@ -26,6 +26,7 @@ limit); gRPC is a grpcio server with a generic handler that forwards raw message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -64,7 +65,8 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     answer that names its mistake."""
     loop = asyncio.get_running_loop()
     deadline, dropped = loop.time() + LINGER_SECONDS, 0
-    try:
+    # the client hanging up or staying silent past the deadline both just end the lingering: the caller closes
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
         if writer.can_write_eof():
             writer.write_eof()
         while dropped < LINGER_BYTES and (remaining := deadline - loop.time()) > 0:
@@ -72,8 +74,6 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             if not data:
                 return
             dropped += len(data)
-    except (OSError, asyncio.TimeoutError):
-        pass
 
 
 class _Refused(Exception):
