@@ -149,7 +149,10 @@ def test_the_page_in_a_real_browser_draws_progress_and_the_image_and_stops_a_lon
         wait.until(lambda _: seen.add(progress()) or field("result").is_displayed())
         assert len(seen - {0}) >= 2, f"the bar showed {sorted(seen)}: it did not advance step by step"
         assert field("preview").is_displayed()
-        assert browser.execute_script("return document.getElementById('result').naturalWidth") == TINY_SIZE
+        # the element shows before its PNG has arrived: wait for the browser to have decoded it
+        loaded = "const image = document.getElementById('result'); return image.complete && image.naturalWidth"
+        wait.until(lambda _: browser.execute_script(loaded))
+        assert browser.execute_script(loaded) == TINY_SIZE
         assert "steps: 8" in field("settings").text and "seed: 2" in field("settings").text
         assert field("download").get_attribute("href").endswith("/image.png?download=1")
         assert "Done: 8 steps" in field("status").text
