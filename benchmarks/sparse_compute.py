@@ -13,7 +13,6 @@ latent. Target: at most 1.10 / N of the baseline.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from python_backend.core.context import PatchContext
-from python_backend.core.exchange import BufferExchange, _Gather
+from python_backend.core.exchange import BufferExchange
 from python_backend.core.layout import PatchLayout
 from python_backend.core.model import encode_prompt, load_pipeline
 from python_backend.core.modes import Mode
@@ -33,10 +32,11 @@ from common import model_or_tiny  # also puts the repository root on sys.path
 class LoopbackExchange(BufferExchange):
     """Delivers zeros for every other slab instantly: computation only, no transport."""
 
-    def _launch(self, tensor, shapes, async_op):
-        buffers = [tensor.reshape(-1) if r == self.index else tensor.new_zeros(math.prod(s))
-                   for r, s in enumerate(shapes)]
-        return _Gather(self.step, [tuple(s) for s in shapes], buffers, None)
+    def _collect(self, output, send, async_op):
+        slots = output.view(self.size, -1)
+        slots.zero_()
+        slots[self.index].copy_(send)
+        return None
 
 
 def time_steps(unet, inputs, repeats: int, before_each=None) -> float:

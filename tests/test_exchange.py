@@ -143,3 +143,84 @@ def test_every_key_of_a_bundle_starts_256_byte_aligned(dtype):
         assert view.storage_offset() * view.element_size() % 256 == 0, (key, view.storage_offset())
         if key != "moments":
             assert torch.all(view == i)
+
+
+class _AllocationCounter:
+    """Records every aten/c10d op that returns a tensor on storage none of its inputs had: an allocation."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter.observe(func, (args, kwargs), out)
+                return out
+
+        self.mode = Mode()
+        self.allocations: list[str] = []
+
+    def observe(self, func, inputs, out) -> None:
+        from torch.utils._pytree import tree_leaves
+
+        def storages(tree):
+            return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+        known = storages(inputs)
+        fresh = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.numel()]
+        self.allocations += [str(func) for t in fresh if t.untyped_storage().data_ptr() not in known]
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _steady_state_job(ranks):
+    """A layer's pattern in asynchronous steps (read stale, publish fresh, one flush per block), with two
+    dtypes and unequal slabs; counts the allocations of the exchange's calls once the storage exists."""
+    import torch.distributed as dist
+
+    size, rank = ranks.world_size, ranks.rank
+    exchange = BufferExchange(dist.group.WORLD, rank, size)
+    halo = [(2, 4, 2, 8 + r) for r in range(size)]
+    tokens = [(2, 16 * (r + 1), 6) for r in range(size)]
+    moments = [(2, 2, 4)] * size
+    fresh = [(torch.full(halo[rank], step + 10.0 * rank, dtype=torch.float16),
+              torch.full(tokens[rank], -step - 10.0 * rank, dtype=torch.float16),
+              torch.full(moments[rank], 0.5 * step + rank)) for step in range(8)]
+    counts, reads, alignments = [], [], set()
+    for generation in range(2):  # the second generation reuses the first one's storage
+        exchange.reset()
+        for step, (a, b, c) in enumerate(fresh):
+            exchange.step = step
+            with _AllocationCounter() as counter:
+                stale = [exchange.latest(key) for key in ("halo", "tokens", "moments")]
+                exchange.start("halo", a, halo)
+                exchange.start("tokens", b, tokens)
+                exchange.start("moments", c, moments)
+                exchange.flush()
+            counts.append((generation, step, counter.allocations))
+            if stale[0] is not None:
+                reads.append((generation, step, [[float(t.flatten()[0]) for t in per_key] for per_key in stale]))
+                alignments |= {t.storage_offset() * t.element_size() % 256 for per_key in stale for t in per_key}
+        exchange.drain()
+    return counts, reads, alignments
+
+
+def test_a_steady_state_step_allocates_nothing_and_reads_the_previous_steps_buffers():
+    counts, reads, alignments = run_on_ranks(2, _steady_state_job)
+    # the first step of the first generation registers the storage; every later step reuses it
+    assert counts[0][2], "the counter saw no allocation at all: it is not counting"
+    for generation, step, allocations in counts[1:]:
+        assert allocations == [], f"generation {generation}, step {step} allocated: {allocations}"
+    for generation, step, values in reads:
+        halo, tokens, moments = values
+        assert halo == [step - 1 + 10.0 * r for r in range(2)], (generation, step)
+        assert tokens == [-(step - 1) - 10.0 * r for r in range(2)], (generation, step)
+        assert moments == [0.5 * (step - 1) + r for r in range(2)], (generation, step)
+    assert alignments == {0}, "every key of a bundle starts on a 256-byte boundary"

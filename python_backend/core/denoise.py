@@ -115,7 +115,7 @@ class PatchParallelDenoiser:
         except Exception as error:
             problem = error
         self._agree_prepared(problem)
-        outputs = _OutputGather(self.ranks, plan, self.context.layout)
+        outputs = self._output_gather(plan)
         # diffusers' prepare_latents and prepare_extra_step_kwargs read pipe.scheduler.
         pipe.scheduler = scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
         scheduler.set_timesteps(request.steps, device=device)
@@ -170,7 +170,7 @@ class PatchParallelDenoiser:
         plan = self.ranks.plan(request.guided, parallel.split_cfg)
         latent_height = request.height // self.vae_scale
         self.context.layout = PatchLayout.split(latent_height, plan.size, self.factor, plan.index)
-        self.context.exchange = self.exchange_class(plan.group, plan.index, plan.size)
+        self.context.exchange = self._exchange_for(self.context.exchange, plan.group, plan.index, plan.size)
         engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
         if cond is None:
             if getattr(self.pipe, "text_encoder", None) is None:
@@ -183,6 +183,22 @@ class PatchParallelDenoiser:
         if plan.branch is not None:
             cond = cond.half(plan.branch)
         return plan, engine, cond
+
+    def _exchange_for(self, current, group, index: int, size: int) -> BufferTransport:
+        """The layers' exchange for this generation: the last one while the group is the same, so its
+        registered storage serves again; a new one for another group or transport class."""
+        if (type(current) is self.exchange_class and getattr(current, "group", None) is group
+                and current.index == index and current.size == size):
+            return current
+        return self.exchange_class(group, index, size)
+
+    def _output_gather(self, plan) -> "_OutputGather":
+        kept = getattr(self, "_outputs", None)
+        if kept is None or kept.ranks is not self.ranks or kept.plan != plan:
+            kept = self._outputs = _OutputGather(self.ranks, plan)
+        kept.layout = self.context.layout
+        kept.exchange.reset()  # releases the storage of an earlier size
+        return kept
 
     def _agree_prepared(self, problem: Exception | None) -> None:
         """Every rank learns whether any rank could not prepare the request; then all of them raise
@@ -227,11 +243,12 @@ class GenerationRefused(ValueError):
 class _OutputGather:
     """All-gathers the UNet's output slabs over the whole rank group and rebuilds the full batch."""
 
-    def __init__(self, ranks: RankGroup, plan, layout: PatchLayout):
+    def __init__(self, ranks: RankGroup, plan):
         import torch.distributed as dist
 
+        self.ranks = ranks
         self.plan = plan
-        self.layout = layout
+        self.layout: PatchLayout | None = None  # set for each generation
         self.exchange = BufferExchange(
             dist.group.WORLD if ranks.world_size > 1 else None, ranks.rank, ranks.world_size, record=False
         )

@@ -4,6 +4,12 @@
 the latest gathered list per key. Tensors of unequal shapes (unequal slabs) are flattened and padded
 to the largest, so one fixed-size collective serves gloo and NCCL alike. It knows nothing of layers
 or modes; it only records, for inspection, when each collective was started and waited for.
+
+Storage is registered once and reused: a bundle that recurs (the same keys and shapes every step) gets
+one send buffer and two receive buffers, used in alternate steps, so a step reads the previous step's
+buffers while the next ones arrive and a steady-state step allocates nothing; each retained blocking
+key gets one buffer pair of its own. Storage that a generation did not use is released at the next
+``reset`` (another size or batch), so a deployment that varies its requests does not accumulate it.
 """
 
 from __future__ import annotations
@@ -43,8 +49,51 @@ class _Gather:
     buffers: list[torch.Tensor]
     work: object | None  # the async handle, None once complete
     result: list[torch.Tensor] | None = None
-    carrier: "_Gather | None" = None  # the bundled collective this key travels in
-    offset: int = 0  # where this key starts in the carrier's flat buffers
+    carrier: "_Gather | None" = None  # the collective this key travels in
+    views: list[torch.Tensor] | None = None  # this key's per-rank views into the carrier's storage
+
+
+@dataclass
+class _Storage:
+    """The persistent buffers of one recurring collective: ``slots`` gives each key's offset and per-rank
+    shapes; ``send`` holds this rank's padded contribution; ``receive`` holds one flat [size x length] buffer per
+    turn (two for bundles, whose turns alternate step by step; one for blocking keys, read before reuse)."""
+
+    slots: dict[str, tuple[int, list[tuple[int, ...]]]]
+    send: torch.Tensor
+    receive: list[torch.Tensor]
+    turn: int = 0
+    used: bool = True
+    last: "_Gather | None" = None  # the latest collective that wrote from ``send``
+
+    @classmethod
+    def allocate(cls, layout: list[tuple[str, list[tuple[int, ...]]]], index: int, size: int, dtype, device,
+                 turns: int) -> "_Storage":
+        element_size = torch.empty((), dtype=dtype, device="meta").element_size()
+        slots, offset = {}, 0
+        for key, shapes in layout:
+            slots[key] = (offset, shapes)
+            offset += aligned_length(max(math.prod(s) for s in shapes), element_size)
+        send = torch.zeros(offset, dtype=dtype, device=device)  # the padding stays zero
+        receive = [torch.empty(size * offset, dtype=dtype, device=device) for _ in range(turns)]  # flat: gloo wants it
+        return cls(slots, send, receive)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        offset, _ = self.slots[key]
+        self.send[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
+
+    def take_turn(self) -> torch.Tensor:
+        """The receive buffer of this turn (the other one may still be read)."""
+        buffer = self.receive[self.turn]
+        self.turn = (self.turn + 1) % len(self.receive)
+        self.used = True
+        return buffer
+
+    def views(self, buffer: torch.Tensor, key: str) -> list[torch.Tensor]:
+        offset, shapes = self.slots[key]
+        length = self.send.numel()
+        return [buffer[r * length + offset : r * length + offset + math.prod(shape)].view(shape)
+                for r, shape in enumerate(shapes)]
 
 
 @dataclass
@@ -61,6 +110,7 @@ class BufferExchange:
     _latest: dict[str, _Gather] = field(default_factory=dict)
     _queued: list = field(default_factory=list)  # (key, tensor, shapes) waiting for flush()
     clock: WaitClock = field(default_factory=WaitClock)  # time held up by collectives (blocking gathers, waits)
+    _storage: dict[tuple, _Storage] = field(default_factory=dict)  # by (keys and shapes, dtype, device)
 
     @property
     def held_keys(self) -> list[str]:
@@ -76,7 +126,10 @@ class BufferExchange:
         """Blocking all-gather; the result becomes the latest for ``key``."""
         self._retire(key)
         started = self.clock.begin(tensor.device)
-        pending = self._launch(tensor, shapes, async_op=False)
+        if self.retain and self.size > 1:
+            pending = self._launch_into_storage([(key, tensor, [tuple(s) for s in shapes])], async_op=False)[key]
+        else:
+            pending = self._launch(tensor, shapes, async_op=False)
         self.clock.end(started)
         self._log(key, "blocking", self.step, tensor)
         if self.retain:
@@ -103,19 +156,38 @@ class BufferExchange:
         # it exactly as if it had travelled alone.
         for dtype in dict.fromkeys(t.dtype for _, t, _ in items):
             group = [(k, t, [tuple(s) for s in shapes]) for k, t, shapes in items if t.dtype == dtype]
-            pieces, offsets, offset = [], [], 0
-            for key, tensor, shapes in group:
+            for key, _, _ in group:
                 self._retire(key)
-                longest = aligned_length(max(math.prod(s) for s in shapes), tensor.element_size())
-                flat = tensor.reshape(-1)
-                pieces.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]) if flat.numel() < longest else flat)
-                offsets.append(offset)
-                offset += longest
-            bundle = torch.cat(pieces)
-            carrier = self._launch(bundle, [tuple(bundle.shape)] * self.size, async_op=True)
-            for (key, tensor, shapes), start in zip(group, offsets):
-                self._latest[key] = _Gather(self.step, shapes, [], None, carrier=carrier, offset=start)
+            if self.size == 1:
+                for key, tensor, shapes in group:
+                    self._latest[key] = _Gather(self.step, shapes, [tensor.contiguous()], None)
+            else:
+                self._latest.update(self._launch_into_storage(group, async_op=True))
+            for key, tensor, _ in group:
                 self._log(key, "started", self.step, tensor)
+
+    def _launch_into_storage(self, group, async_op: bool) -> dict[str, _Gather]:
+        """One collective for ``group`` (keys of one dtype) through the storage registered for exactly
+        these keys and shapes; returns each key's pending gather."""
+        first = group[0][1]
+        signature = (tuple((key, tuple(shapes)) for key, _, shapes in group), first.dtype, first.device, async_op)
+        storage = self._storage.get(signature)
+        if storage is None:
+            storage = _Storage.allocate([(key, shapes) for key, _, shapes in group], self.index, self.size,
+                                        first.dtype, first.device, turns=2 if async_op else 1)
+            self._storage[signature] = storage
+        if storage.last is not None:  # the send buffer is rewritten only once its last collective is done
+            self._complete(storage.last)
+        for key, tensor, shapes in group:
+            if tuple(tensor.shape) != shapes[self.index]:
+                raise ValueError(f"{key}: published shape {tuple(tensor.shape)} != expected {shapes[self.index]}")
+            storage.write(key, tensor)
+        receive = storage.take_turn()
+        work = self._collect(receive, storage.send, async_op)
+        carrier = _Gather(self.step, [], [storage.send], work)
+        storage.last = carrier
+        return {key: _Gather(self.step, shapes, [], None, carrier=carrier, views=storage.views(receive, key))
+                for key, _, shapes in group}
 
     def latest(self, key: str) -> list[torch.Tensor] | None:
         """The most recent gathered list for ``key`` (waiting for it if still in flight), or None."""
@@ -135,8 +207,13 @@ class BufferExchange:
             self._complete(pending)
 
     def reset(self) -> None:
-        """Forgets every buffer, so nothing carries over into the next generation."""
+        """Forgets every buffer, so nothing carries over into the next generation; releases the storage
+        that the generation since the last reset did not use."""
         self.drain()
+        for signature, storage in list(self._storage.items()):
+            if not storage.used:
+                del self._storage[signature]
+            storage.used, storage.last = False, None
         self._latest.clear()
         self._queued.clear()
         self.events.clear()
@@ -160,14 +237,16 @@ class BufferExchange:
         work = dist.all_gather(buffers, flat, group=self.group, async_op=async_op)
         return _Gather(self.step, shapes, buffers, work if async_op else None)
 
+    def _collect(self, output: torch.Tensor, send: torch.Tensor, async_op: bool):
+        """All-gathers every rank's ``send`` into the flat ``output`` (rank-major); the async handle or None."""
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        work = gather(output, send, group=self.group, async_op=async_op)
+        return work if async_op else None
+
     def _complete(self, pending: _Gather) -> list[torch.Tensor]:
         if pending.result is None and pending.carrier is not None:
             self._complete(pending.carrier)
-            start = pending.offset
-            pending.result = [
-                buf[start : start + math.prod(shape)].view(shape)
-                for buf, shape in zip(pending.carrier.buffers, pending.shapes)
-            ]
+            pending.result = pending.views
         if pending.result is None:
             if pending.work is not None:
                 started = self.clock.begin(pending.buffers[0].device)
