@@ -13,6 +13,7 @@ from ..core.devices import DEVICE_KINDS, DTYPES
 from ..core.modes import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, Mode
 from ..core.parallel import group_shape
 from ..engines.loader import ENGINE_BACKENDS
+from .parallel_option import add_parallel_arguments, resolve_parallel
 from .recipes import RecipeError, apply_recipe
 
 log = logging.getLogger("distrifusion")
@@ -64,8 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=defaults.DEFAULT_SEED)
     gen.add_argument("--ranks", type=int, default=1, help="number of ranks (local processes, one per device)")
     gen.add_argument("--mode", choices=[m.value for m in Mode], default=DEFAULT_MODE.value)
-    gen.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
+    gen.add_argument("--warmup-steps", type=int, default=None,
+                     help=f"default {DEFAULT_WARMUP_STEPS}; with --parallel auto: chosen from --steps")
     gen.add_argument("--no-split-cfg", action="store_true", help="every rank runs both guidance halves")
+    add_parallel_arguments(gen)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--device", choices=DEVICE_KINDS, default="auto")
     gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
@@ -98,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--split-cfg", action="store_false", dest="no_split_cfg",
                      help="split the guidance halves over two rank groups (the default; overrides a recipe's "
                           "split_cfg = false)")
+    add_parallel_arguments(bld)
     bld.add_argument("--parallel-vae", action=argparse.BooleanOptionalAction, default=True,
                      help="with --ranks > 1 the served rank group decodes the image, every rank its latent slab "
                           "(default); --no-parallel-vae: the vae_decoder model decodes it on one device")
@@ -109,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     bld.add_argument("--force", action="store_true", help="rebuild even if the cache has this build")
     bld.add_argument("--repository", type=Path, default=None,
                      help="also fill a Triton model repository here, set up for this build")
-    bld.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
+    bld.add_argument("--warmup-steps", type=int, default=None,
+                     help=f"default {DEFAULT_WARMUP_STEPS}; with --parallel auto: chosen from --steps")
     bld.add_argument("--steps", type=int, default=defaults.DEFAULT_STEPS, help="the served default number of steps")
     bld.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.DEFAULT_SCHEDULER,
                      help="the served default scheduler")
@@ -184,6 +189,7 @@ def _build(args) -> int:
     if args.model is None:
         raise UsageError("--model is required (or `model` in the --recipe)")
     validate_generate_args(args)
+    _print_parallel_explanation(args)
     folder = None
     if args.backend != "torch":
         folder = _build_engines(_build_request(args, args.backend, args.precision), args.out, args.force)
@@ -203,8 +209,14 @@ def _build(args) -> int:
     return 0
 
 
+def _print_parallel_explanation(args) -> None:
+    if getattr(args, "parallel_explanation", None):
+        print(args.parallel_explanation)
+
+
 def validate_generate_args(args):
-    """Checks every flag before any process starts; returns the model's ``ModelInfo``."""
+    """Checks every flag before any process starts and resolves ``--parallel`` (its explanation, if
+    any, in ``args.parallel_explanation``); returns the model's ``ModelInfo``."""
     from ..core.layout import LayoutError, PatchLayout
     from ..core.model import ModelFolderError, ModelInfo
 
@@ -231,10 +243,14 @@ def validate_generate_args(args):
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
-    if getattr(args, "warmup_steps", 0) < 0:
+    if (getattr(args, "warmup_steps", 0) or 0) < 0:  # None: not given
         raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    try:
+        args.parallel_explanation = resolve_parallel(args, info)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     shape = group_shape(args.ranks, args.guidance > 1, not args.no_split_cfg, args.num_images)
     try:
         PatchLayout.split(args.height // info.vae_scale, shape.patches, info.downsampling_factor)
@@ -258,6 +274,7 @@ def _generate(args) -> int:
     from .generate_job import GenerationJob, run_generation_job
 
     validate_generate_args(args)
+    _print_parallel_explanation(args)
     device_kind = resolve_device_kind(args.device)
     if device_kind == "cuda" and args.ranks > torch.cuda.device_count():
         raise UsageError(f"--ranks {args.ranks} needs {args.ranks} GPUs; {torch.cuda.device_count()} present")
