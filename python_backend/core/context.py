@@ -22,9 +22,11 @@ class PatchContext:
     mode: Mode = DEFAULT_MODE
     warmup_steps: int = DEFAULT_WARMUP_STEPS
     step: int = 0
+    generation: int = 0  # counts generations: what is cached per generation is keyed by it
 
     def begin_generation(self) -> None:
         self.exchange.reset()
+        self.generation += 1
         self.step = 0
         self.exchange.step = 0
 

@@ -70,12 +70,14 @@ class PatchSelfAttentionProcessor:
     """A diffusers attention processor for self-attention over the whole image's tokens.
 
     Queries are local; keys and values of the other slabs come from the context. The tokens of a
-    slab are contiguous in raster order, so the full sequence is the slabs' tokens in rank order.
+    slab are contiguous in raster order, so the full sequence is the slabs' tokens in rank order. The
+    key and value projections run as one matrix product whose output is the buffer that is exchanged.
     """
 
     def __init__(self, key: str, context: PatchContext):
         self.key = key
         self.context = context
+        self.fused = FusedKeyValue()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -84,28 +86,96 @@ class PatchSelfAttentionProcessor:
             raise ValueError(f"{self.key}: only token-sequence self-attention (as in transformer blocks) is supported")
         residual = hidden_states
         query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
         if attn.norm_q is not None:
             query = _per_head(attn.norm_q, query, attn.heads)
-        if attn.norm_k is not None:
-            key = _per_head(attn.norm_k, key, attn.heads)
-        out = attend_over_all_slabs(self.context, self.key, query, key, value, attn.heads)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.norm_k is None:
+            key_value = self.fused(attn, hidden_states)
+        else:  # the key is normalised on its own before it travels
+            key_value = torch.cat([_per_head(attn.norm_k, attn.to_k(hidden_states), attn.heads),
+                                   attn.to_v(hidden_states)], dim=-1)
+        out = attend_over_all_slabs(self.context, self.key, query, key_value, attn.heads, attn.scale)
+        return _attention_output(attn, out, residual)
 
 
-def attend_over_all_slabs(context: PatchContext, layer_key: str, query, key, value, heads: int) -> torch.Tensor:
-    """This slab's queries over every slab's keys and values [B, T, C] (the slabs' tokens in rank order),
-    the keys and values travelling as one buffer per layer."""
-    fresh = torch.cat([key, value], dim=-1)
-    shapes = [(fresh.shape[0], t, fresh.shape[2]) for t in context.layout.scaled(fresh.shape[1])]
-    key_value = torch.cat(context.activations(layer_key, fresh, shapes), dim=1)
-    full_key, full_value = key_value.split(key.shape[-1], dim=-1)
-    return patch_math.attention(query, full_key, full_value, heads)
+class CachedCrossAttentionProcessor:
+    """Cross-attention whose keys and values, which depend only on the text, are computed once per
+    generation (per layer; with the CFG split each rank caches its own half) instead of every step.
+
+    The cache is keyed by the context's generation and the text tensor itself, so a new generation or
+    new conditioning recomputes it; while a graph is traced (ONNX export) nothing is cached, so the
+    engines compute them from their text input as before. Anything this processor does not cover
+    (masks, cross-attention norms, spatial norms) goes to the layer's own processor."""
+
+    def __init__(self, context: PatchContext, fallback):
+        self.context = context
+        self.fallback = fallback
+        self._cached: tuple | None = None  # (generation and text tensor identity, (key, value))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if (tracing or encoder_hidden_states is None or attention_mask is not None or attn.norm_cross
+                or attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        query = attn.to_q(hidden_states)
+        if attn.norm_q is not None:
+            query = _per_head(attn.norm_q, query, attn.heads)
+        key, value = self._text_key_value(attn, encoder_hidden_states)
+        out = patch_math.attention(query, key, value, attn.heads, attn.scale)
+        return _attention_output(attn, out, residual)
+
+    def _text_key_value(self, attn, text: torch.Tensor):
+        identity = (self.context.generation, text.data_ptr(), text._version, tuple(text.shape), text.dtype, text.device)
+        if self._cached is None or self._cached[0] != identity:
+            key = attn.to_k(text)
+            if attn.norm_k is not None:
+                key = _per_head(attn.norm_k, key, attn.heads)
+            self._cached = (identity, (key, attn.to_v(text)))
+        return self._cached[1]
+
+
+class FusedKeyValue:
+    """``[to_k(x), to_v(x)]`` as one matrix product: the two projections' weights side by side, made once
+    per weight storage, device and dtype (so moving or reloading the model remakes it)."""
+
+    def __init__(self):
+        self._made_from: tuple | None = None
+        self._weight = self._bias = None
+
+    def __call__(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        k, v = attn.to_k, attn.to_v
+        if type(k) is not nn.Linear or type(v) is not nn.Linear:  # adapters (LoRA) run as they are
+            return torch.cat([k(hidden_states), v(hidden_states)], dim=-1)
+        source = (k.weight.data_ptr(), v.weight.data_ptr(), k.weight._version, v.weight._version,
+                  k.weight.device, k.weight.dtype)
+        if source != self._made_from:
+            self._weight = torch.cat([k.weight, v.weight]).detach()
+            biased = k.bias is not None or v.bias is not None
+            self._bias = torch.cat([_bias_or_zeros(k), _bias_or_zeros(v)]).detach() if biased else None
+            self._made_from = source
+        return nn.functional.linear(hidden_states, self._weight, self._bias)
+
+
+def _bias_or_zeros(linear: nn.Linear) -> torch.Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+def _attention_output(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def attend_over_all_slabs(context: PatchContext, layer_key: str, query, key_value, heads: int,
+                          scale: float | None = None) -> torch.Tensor:
+    """This slab's queries over every slab's keys and values, which travel as one buffer per layer
+    (``key_value``: [B, T, 2C], keys then values; the slabs' tokens in rank order)."""
+    shapes = [(key_value.shape[0], t, key_value.shape[2]) for t in context.layout.scaled(key_value.shape[1])]
+    gathered = torch.cat(context.activations(layer_key, key_value, shapes), dim=1)
+    full_key, full_value = gathered.split(key_value.shape[-1] // 2, dim=-1)
+    return patch_math.attention(query, full_key, full_value, heads, scale)
 
 
 def swap_layers(root: nn.Module, replacement, prefix: str = "") -> None:
@@ -131,7 +201,9 @@ def patch_unet(unet: nn.Module, context: PatchContext) -> nn.Module:
     """Replaces, in place, every layer of ``unet`` that reads across slab borders.
 
     conv_in becomes a sliced-input conv; every other conv with kernel height > 1 a halo conv; every
-    GroupNorm a whole-map GroupNorm; every self-attention a whole-image attention. Returns ``unet``.
+    GroupNorm a whole-map GroupNorm; every self-attention a whole-image attention (keys and values
+    projected together); every cross-attention caches its text keys and values per generation.
+    Returns ``unet``.
     """
     from diffusers.models.attention_processor import Attention
 
@@ -147,6 +219,8 @@ def patch_unet(unet: nn.Module, context: PatchContext) -> nn.Module:
             return PatchGroupNorm(child, key, context)
         if isinstance(child, Attention) and not child.is_cross_attention:
             child.set_processor(PatchSelfAttentionProcessor(key, context))
+        elif isinstance(child, Attention):
+            child.set_processor(CachedCrossAttentionProcessor(context, child.processor))
         return None
 
     swap_layers(unet, replacement)

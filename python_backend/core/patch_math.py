@@ -83,14 +83,16 @@ def slice_with_halo(full: torch.Tensor, start: int, stop: int, halo: Halo) -> to
 # --- self-attention ------------------------------------------------------------------------------
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head attention of local queries [B, Tq, C] over all keys/values [B, Tk, C]."""
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
+              scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention of local queries [B, Tq, C] over all keys/values [B, Tk, C] (``scale``: the
+    layer's, default 1/sqrt(head dim))."""
     batch, tokens, inner = query.shape
     head_dim = inner // heads
     q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
     k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
     v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
     return out.transpose(1, 2).reshape(batch, tokens, inner).to(query.dtype)
 
 

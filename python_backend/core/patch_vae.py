@@ -19,7 +19,7 @@ from .exchange import BufferExchange
 from .layout import PatchLayout
 from .model import vae_decode
 from .modes import Mode
-from .patch_layers import PatchConv2d, PatchGroupNorm, attend_over_all_slabs, swap_layers
+from .patch_layers import FusedKeyValue, PatchConv2d, PatchGroupNorm, attend_over_all_slabs, swap_layers
 
 
 class PatchSpatialAttentionProcessor:
@@ -29,6 +29,7 @@ class PatchSpatialAttentionProcessor:
     def __init__(self, key: str, context: PatchContext):
         self.key = key
         self.context = context
+        self.fused = FusedKeyValue()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None:
@@ -42,9 +43,7 @@ class PatchSpatialAttentionProcessor:
             tokens = attn.group_norm(tokens)  # a PatchGroupNorm: statistics of the whole map
         tokens = tokens.transpose(1, 2)
         query = attn.to_q(tokens)
-        key = attn.to_k(tokens)
-        value = attn.to_v(tokens)
-        out = attend_over_all_slabs(self.context, self.key, query, key, value, attn.heads)
+        out = attend_over_all_slabs(self.context, self.key, query, self.fused(attn, tokens), attn.heads, attn.scale)
         out = attn.to_out[1](attn.to_out[0](out))
         out = out.transpose(1, 2).reshape(batch, channels, height, width)
         if attn.residual_connection:
