@@ -224,3 +224,55 @@ def test_a_steady_state_step_allocates_nothing_and_reads_the_previous_steps_buff
         assert tokens == [-(step - 1) - 10.0 * r for r in range(2)], (generation, step)
         assert moments == [0.5 * (step - 1) + r for r in range(2)], (generation, step)
     assert alignments == {0}, "every key of a bundle starts on a 256-byte boundary"
+
+
+def _drifting(rank: int, step: int, shape) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(rank)
+    base = torch.randn(shape, generator=generator)
+    drift = torch.randn(shape, generator=generator)
+    return base + 0.05 * step * drift
+
+
+def _codec_job(ranks, spec_text):
+    """A warm-up step (blocking, exact), then asynchronous steps through a codec, as the layers run them."""
+    import torch.distributed as dist
+
+    from python_backend.core.exchange_codec import CodecSpec, ExchangeCodec
+
+    size, rank = ranks.world_size, ranks.rank
+    exchange = BufferExchange(dist.group.WORLD, rank, size)
+    exchange.codec = ExchangeCodec(CodecSpec.parse(spec_text), rank, size)
+    tokens = [(2, 128 * (r + 1), 64) for r in range(size)]  # 64-128 KiB in float32: compressed
+    moments = [(2, 2, 4)] * size  # small: always exact
+    reads = []
+    for step in range(6):
+        exchange.step = step
+        mine = (_drifting(rank, step, tokens[rank]), _drifting(rank + 10, step, moments[rank]))
+        if step == 0:
+            exchange.gather("tokens", mine[0], tokens)
+            exchange.gather("moments", mine[1], moments)
+            continue
+        stale = [[t.clone() for t in exchange.latest(key)] for key in ("tokens", "moments")]
+        reads.append(stale)
+        exchange.start("tokens", mine[0], tokens)
+        exchange.start("moments", mine[1], moments)
+        exchange.flush()
+    exchange.drain()
+    published = {(e.key, e.kind): e.nbytes for e in exchange.events}
+    return reads, published
+
+
+@pytest.mark.parametrize("spec_text, bound", [("int8+residual", 0.002), ("int8", 0.015), ("float16", 0.001)])
+def test_a_codec_delivers_the_previous_steps_buffers_within_its_error_and_sends_fewer_bytes(spec_text, bound):
+    reads, published = run_on_ranks(2, _codec_job, (spec_text,))
+    tokens = [(2, 128 * (r + 1), 64) for r in range(2)]
+    for step, (stale_tokens, stale_moments) in enumerate(reads, start=1):
+        for publisher in range(2):
+            expected = _drifting(publisher, step - 1, tokens[publisher])
+            error = (stale_tokens[publisher] - expected).norm() / expected.norm()
+            assert error < bound, (spec_text, step, publisher, float(error))
+            assert torch.equal(stale_moments[publisher], _drifting(publisher + 10, step - 1, (2, 2, 4)))
+    native = 2 * 128 * 64 * 4  # rank 0's float32 tokens
+    ratio = native / published[("tokens", "started")]
+    assert ratio > (3.9 if spec_text.startswith("int8") else 1.99), (spec_text, ratio)
+    assert published[("moments", "started")] == 2 * 2 * 4 * 4  # sent as they are

@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"default {DEFAULT_WARMUP_STEPS}; with --parallel auto: chosen from --steps")
     gen.add_argument("--no-split-cfg", action="store_true", help="every rank runs both guidance halves")
     add_parallel_arguments(gen)
+    _add_exchange_dtype(gen)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--device", choices=DEVICE_KINDS, default="auto")
     gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
@@ -102,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="split the guidance halves over two rank groups (the default; overrides a recipe's "
                           "split_cfg = false)")
     add_parallel_arguments(bld)
+    _add_exchange_dtype(bld)
     bld.add_argument("--parallel-vae", action=argparse.BooleanOptionalAction, default=True,
                      help="with --ranks > 1 the served rank group decodes the image, every rank its latent slab "
                           "(default); --no-parallel-vae: the vae_decoder model decodes it on one device")
@@ -156,6 +158,15 @@ def _tiny_model(args) -> int:
     return 0
 
 
+def _add_exchange_dtype(parser) -> None:
+    from ..core.exchange_codec import ALLOWED_VALUES
+
+    parser.add_argument("--exchange-dtype", choices=ALLOWED_VALUES, default="native",
+                        help="how the asynchronous steps' stale buffers travel between ranks: native (as computed, "
+                             "the default), a narrower float, int8 with per-channel scales, or +residual: only the "
+                             "change since the last exchange, quantized with error feedback (docs/compressed_exchange.md)")
+
+
 def _build_request(args, backend: str, precision: str | None):
     from ..engines.build import BuildRequest
 
@@ -204,6 +215,7 @@ def _build(args) -> int:
             sizes=f"{args.height}x{args.width}", default_steps=args.steps, default_guidance=args.guidance,
             default_scheduler=args.scheduler, default_height=args.height, default_width=args.width,
             max_steps=args.max_steps, dtype=args.dtype, parallel_vae=args.parallel_vae,
+            exchange_dtype=args.exchange_dtype,
         )
         print(f"model repository ready at {fill_repository(args.repository, settings)}")
     return 0
@@ -283,7 +295,8 @@ def _generate(args) -> int:
         steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
         num_images=args.num_images,
     )
-    parallel = ParallelConfig(mode=Mode(args.mode), warmup_steps=args.warmup_steps, split_cfg=not args.no_split_cfg)
+    parallel = ParallelConfig(mode=Mode(args.mode), warmup_steps=args.warmup_steps, split_cfg=not args.no_split_cfg,
+                              exchange_dtype=args.exchange_dtype)
     engine_dir = None
     if args.engine != "torch" and parallel.mode is Mode.FULL_SYNC:
         log.info("full_sync: every step is synchronous and runs in torch; no engines are needed")

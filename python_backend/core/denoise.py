@@ -16,6 +16,7 @@ import torch
 from .context import PatchContext
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_SCHEDULER, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_WIDTH
 from .exchange import BufferExchange
+from .exchange_codec import CodecSpec, ExchangeCodec
 from .layout import PatchLayout
 from .model import Conditioning, encode_prompt, make_scheduler, unet_downsampling_factor
 from .parallel import ParallelConfig
@@ -170,7 +171,8 @@ class PatchParallelDenoiser:
         plan = self.ranks.plan(request.guided, parallel.split_cfg)
         latent_height = request.height // self.vae_scale
         self.context.layout = PatchLayout.split(latent_height, plan.size, self.factor, plan.index)
-        self.context.exchange = self._exchange_for(self.context.exchange, plan.group, plan.index, plan.size)
+        self.context.exchange = self._exchange_for(self.context.exchange, plan.group, plan.index, plan.size,
+                                                   CodecSpec.parse(parallel.exchange_dtype))
         engine = None if self.engines is None else self.engines.for_generation(plan, self.context.layout, request)
         if cond is None:
             if getattr(self.pipe, "text_encoder", None) is None:
@@ -184,13 +186,20 @@ class PatchParallelDenoiser:
             cond = cond.half(plan.branch)
         return plan, engine, cond
 
-    def _exchange_for(self, current, group, index: int, size: int) -> BufferTransport:
-        """The layers' exchange for this generation: the last one while the group is the same, so its
-        registered storage serves again; a new one for another group or transport class."""
+    def _exchange_for(self, current, group, index: int, size: int, spec: CodecSpec) -> BufferTransport:
+        """The layers' exchange for this generation: the last one while the group and the codec are the
+        same, so its registered storage serves again; a new one otherwise."""
+        codec = None if spec.lossless or size == 1 else ExchangeCodec(spec, index, size)
         if (type(current) is self.exchange_class and getattr(current, "group", None) is group
-                and current.index == index and current.size == size):
+                and current.index == index and current.size == size
+                and getattr(getattr(current, "codec", None), "spec", None) == getattr(codec, "spec", None)):
             return current
-        return self.exchange_class(group, index, size)
+        exchange = self.exchange_class(group, index, size)
+        if codec is not None:
+            if not hasattr(exchange, "codec"):
+                raise ValueError(f"--exchange-dtype {spec}: {type(exchange).__name__} sends buffers only as they are")
+            exchange.codec = codec
+        return exchange
 
     def _output_gather(self, plan) -> "_OutputGather":
         kept = getattr(self, "_outputs", None)

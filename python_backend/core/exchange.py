@@ -10,6 +10,10 @@ one send buffer and two receive buffers, used in alternate steps, so a step read
 buffers while the next ones arrive and a steady-state step allocates nothing; each retained blocking
 key gets one buffer pair of its own. Storage that a generation did not use is released at the next
 ``reset`` (another size or batch), so a deployment that varies its requests does not accumulate it.
+
+With a ``codec`` (``--exchange-dtype``, core/exchange_codec.py) the asynchronous exchanges travel as
+the codec's uint8 wire (all keys in one bundle) and every gathered buffer is decoded once, when it is
+first read; blocking (synchronous) gathers stay exact and tell the codec what every rank now holds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .exchange_codec import ExchangeCodec
 from .wait_clock import WaitClock
 
 SLOT_ALIGNMENT_BYTES = 256
@@ -51,6 +56,7 @@ class _Gather:
     result: list[torch.Tensor] | None = None
     carrier: "_Gather | None" = None  # the collective this key travels in
     views: list[torch.Tensor] | None = None  # this key's per-rank views into the carrier's storage
+    decode: object | None = None  # views -> tensors, for a key that travelled as a codec's wire
 
 
 @dataclass
@@ -59,28 +65,35 @@ class _Storage:
     shapes; ``send`` holds this rank's padded contribution; ``receive`` holds one flat [size x length] buffer per
     turn (two for bundles, whose turns alternate step by step; one for blocking keys, read before reuse)."""
 
-    slots: dict[str, tuple[int, list[tuple[int, ...]]]]
+    slots: dict[str, tuple[int, int, list[tuple[int, ...]]]]  # key -> (offset, length, per-rank shapes)
     send: torch.Tensor
     receive: list[torch.Tensor]
+    wire: bool  # the slots hold a codec's wire bytes, not the buffers themselves
     turn: int = 0
     used: bool = True
     last: "_Gather | None" = None  # the latest collective that wrote from ``send``
 
     @classmethod
-    def allocate(cls, layout: list[tuple[str, list[tuple[int, ...]]]], index: int, size: int, dtype, device,
-                 turns: int) -> "_Storage":
+    def allocate(cls, layout: list[tuple[str, int, list[tuple[int, ...]]]], size: int, dtype, device, turns: int,
+                 wire: bool) -> "_Storage":
+        """``layout``: (key, elements of its largest per-rank slot, per-rank shapes) in bundle order."""
         element_size = torch.empty((), dtype=dtype, device="meta").element_size()
         slots, offset = {}, 0
-        for key, shapes in layout:
-            slots[key] = (offset, shapes)
-            offset += aligned_length(max(math.prod(s) for s in shapes), element_size)
+        for key, longest, shapes in layout:
+            length = aligned_length(longest, element_size)
+            slots[key] = (offset, length, shapes)
+            offset += length
         send = torch.zeros(offset, dtype=dtype, device=device)  # the padding stays zero
         receive = [torch.empty(size * offset, dtype=dtype, device=device) for _ in range(turns)]  # flat: gloo wants it
-        return cls(slots, send, receive)
+        return cls(slots, send, receive, wire)
+
+    def slot(self, key: str) -> torch.Tensor:
+        """This rank's whole slot for ``key`` in the send buffer (flat)."""
+        offset, length, _ = self.slots[key]
+        return self.send[offset : offset + length]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        offset, _ = self.slots[key]
-        self.send[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
+        self.slot(key)[: tensor.numel()].view(tensor.shape).copy_(tensor)
 
     def take_turn(self) -> torch.Tensor:
         """The receive buffer of this turn (the other one may still be read)."""
@@ -90,9 +103,12 @@ class _Storage:
         return buffer
 
     def views(self, buffer: torch.Tensor, key: str) -> list[torch.Tensor]:
-        offset, shapes = self.slots[key]
-        length = self.send.numel()
-        return [buffer[r * length + offset : r * length + offset + math.prod(shape)].view(shape)
+        """Each rank's ``key`` in a received buffer: shaped, or its whole (flat) wire slot."""
+        offset, length, shapes = self.slots[key]
+        stride = self.send.numel()
+        if self.wire:
+            return [buffer[r * stride + offset : r * stride + offset + length] for r in range(len(shapes))]
+        return [buffer[r * stride + offset : r * stride + offset + math.prod(shape)].view(shape)
                 for r, shape in enumerate(shapes)]
 
 
@@ -111,6 +127,7 @@ class BufferExchange:
     _queued: list = field(default_factory=list)  # (key, tensor, shapes) waiting for flush()
     clock: WaitClock = field(default_factory=WaitClock)  # time held up by collectives (blocking gathers, waits)
     _storage: dict[tuple, _Storage] = field(default_factory=dict)  # by (keys and shapes, dtype, device)
+    codec: ExchangeCodec | None = None  # None: asynchronous exchanges travel as they are (native)
 
     @property
     def held_keys(self) -> list[str]:
@@ -134,7 +151,10 @@ class BufferExchange:
         self._log(key, "blocking", self.step, tensor)
         if self.retain:
             self._latest[key] = pending
-        return self._complete(pending)
+        result = self._complete(pending)
+        if self.codec is not None and self.retain:
+            self.codec.observe_exact(key, result)
+        return result
 
     def start(self, key: str, tensor: torch.Tensor, shapes: list[tuple[int, ...]]) -> None:
         """Queues ``key`` for the next async all-gather; ``latest(key)`` waits for it when next needed.
@@ -153,41 +173,58 @@ class BufferExchange:
     def _start_bundle(self, items: list[tuple[str, torch.Tensor, list[tuple[int, ...]]]]) -> None:
         # Each key is padded to its largest per-rank size (rounded up to the slot alignment), so every
         # rank's bundle has the same length and every key starts aligned; latest(key) unpacks a key from
-        # it exactly as if it had travelled alone.
-        for dtype in dict.fromkeys(t.dtype for _, t, _ in items):
-            group = [(k, t, [tuple(s) for s in shapes]) for k, t, shapes in items if t.dtype == dtype]
-            for key, _, _ in group:
-                self._retire(key)
+        # it exactly as if it had travelled alone. One bundle per dtype (a codec's wire: one in all).
+        groups: dict[torch.dtype, list] = {}
+        for key, tensor, shapes in items:
+            self._retire(key)
+            carried_as = torch.uint8 if self.codec is not None and self.size > 1 else tensor.dtype
+            groups.setdefault(carried_as, []).append((key, tensor, [tuple(s) for s in shapes]))
+        for group in groups.values():
             if self.size == 1:
                 for key, tensor, shapes in group:
                     self._latest[key] = _Gather(self.step, shapes, [tensor.contiguous()], None)
+                    self._log(key, "started", self.step, tensor)
             else:
                 self._latest.update(self._launch_into_storage(group, async_op=True))
-            for key, tensor, _ in group:
-                self._log(key, "started", self.step, tensor)
 
     def _launch_into_storage(self, group, async_op: bool) -> dict[str, _Gather]:
-        """One collective for ``group`` (keys of one dtype) through the storage registered for exactly
-        these keys and shapes; returns each key's pending gather."""
+        """One collective for ``group`` through the storage registered for exactly these keys and shapes
+        (a codec's wire for asynchronous ones, if there is a codec); returns each key's pending gather."""
         first = group[0][1]
-        signature = (tuple((key, tuple(shapes)) for key, _, shapes in group), first.dtype, first.device, async_op)
+        codec = self.codec if async_op else None
+        signature = (tuple((key, t.dtype, tuple(shapes)) for key, t, shapes in group), first.device, async_op)
         storage = self._storage.get(signature)
         if storage is None:
-            storage = _Storage.allocate([(key, shapes) for key, _, shapes in group], self.index, self.size,
-                                        first.dtype, first.device, turns=2 if async_op else 1)
+            if codec is None:
+                layout = [(key, max(math.prod(s) for s in shapes), shapes) for key, _, shapes in group]
+            else:
+                layout = [(key, max(codec.wire_nbytes(s, t.dtype) for s in shapes), shapes) for key, t, shapes in group]
+            storage = _Storage.allocate(layout, self.size, torch.uint8 if codec else first.dtype, first.device,
+                                        turns=2 if async_op else 1, wire=codec is not None)
             self._storage[signature] = storage
         if storage.last is not None:  # the send buffer is rewritten only once its last collective is done
             self._complete(storage.last)
+        published = {}
         for key, tensor, shapes in group:
             if tuple(tensor.shape) != shapes[self.index]:
                 raise ValueError(f"{key}: published shape {tuple(tensor.shape)} != expected {shapes[self.index]}")
-            storage.write(key, tensor)
+            if codec is None:
+                storage.write(key, tensor)
+                published[key] = tensor.numel() * tensor.element_size()
+            else:
+                published[key] = codec.encode(key, tensor, out=storage.slot(key)).numel()
         receive = storage.take_turn()
         work = self._collect(receive, storage.send, async_op)
         carrier = _Gather(self.step, [], [storage.send], work)
         storage.last = carrier
-        return {key: _Gather(self.step, shapes, [], None, carrier=carrier, views=storage.views(receive, key))
-                for key, _, shapes in group}
+        pending = {}
+        for key, tensor, shapes in group:
+            decode = None if codec is None else _Decoder(codec, key, tensor.dtype)
+            pending[key] = _Gather(self.step, shapes, [], None, carrier=carrier, views=storage.views(receive, key),
+                                   decode=decode)
+            if async_op:
+                self._log(key, "started", self.step, None, nbytes=published[key])
+        return pending
 
     def latest(self, key: str) -> list[torch.Tensor] | None:
         """The most recent gathered list for ``key`` (waiting for it if still in flight), or None."""
@@ -216,6 +253,8 @@ class BufferExchange:
             storage.used, storage.last = False, None
         self._latest.clear()
         self._queued.clear()
+        if self.codec is not None:
+            self.codec.reset()
         self.events.clear()
         self.clock.reset()
         self.step = 0
@@ -246,7 +285,7 @@ class BufferExchange:
     def _complete(self, pending: _Gather) -> list[torch.Tensor]:
         if pending.result is None and pending.carrier is not None:
             self._complete(pending.carrier)
-            pending.result = pending.views
+            pending.result = pending.views if pending.decode is None else pending.decode(pending.views, pending.shapes)
         if pending.result is None:
             if pending.work is not None:
                 started = self.clock.begin(pending.buffers[0].device)
@@ -264,10 +303,25 @@ class BufferExchange:
         if old is not None and (old.work is not None or (old.carrier is not None and old.carrier.work is not None)):
             self._complete(old)
 
-    def _log(self, key: str, kind: str, started_step: int, tensor: torch.Tensor | None) -> None:
+    def _log(self, key: str, kind: str, started_step: int, tensor: torch.Tensor | None, nbytes: int | None = None) -> None:
         if self.record:
-            nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
+            if nbytes is None:
+                nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
             self.events.append(ExchangeEvent(key, kind, self.step, started_step, nbytes))
+
+
+@dataclass
+class _Decoder:
+    """Turns one key's received wire slots into every rank's buffer (once per gather: residual codecs
+    keep state)."""
+
+    codec: ExchangeCodec
+    key: str
+    dtype: torch.dtype
+
+    def __call__(self, slots: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        return [self.codec.decode(self.key, rank, slot, shape, self.dtype)
+                for rank, (slot, shape) in enumerate(zip(slots, shapes))]
 
 
 @dataclass

@@ -18,6 +18,7 @@ class ParallelConfig:
     mode: Mode = DEFAULT_MODE
     warmup_steps: int = DEFAULT_WARMUP_STEPS
     split_cfg: bool = True
+    exchange_dtype: str = "native"  # how asynchronous exchanges travel (core/exchange_codec.py, --exchange-dtype)
 
 
 @dataclass(frozen=True)

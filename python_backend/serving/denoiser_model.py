@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..core.denoise import GenerationCancelled, GenerationRefused
 from ..core.devices import resolve_device_kind, torch_dtype
+from ..core.exchange_codec import CodecSpec
 from ..core.model import Conditioning, ModelInfo
 from ..core.modes import Mode
 from ..core.parallel import ParallelConfig
@@ -41,11 +42,15 @@ class TritonPythonModel:
             torch_dtype(s.dtype, torch.device(device_kind))
         except ValueError as error:
             raise ValueError(f"model config parameter 'dtype': {error}") from None
+        try:
+            CodecSpec.parse(s.exchange_dtype)
+        except ValueError as error:
+            raise ValueError(f"model config parameter 'exchange_dtype': {error}") from None
         if device_kind == "cuda" and torch.cuda.device_count() < s.ranks:
             raise RuntimeError(f"denoiser is configured for {s.ranks} ranks but {torch.cuda.device_count()} GPUs are visible")
         config = RankServiceConfig(
             model=s.model_dir, world_size=s.ranks,
-            parallel=ParallelConfig(Mode(s.mode), s.warmup_steps, s.split_cfg),
+            parallel=ParallelConfig(Mode(s.mode), s.warmup_steps, s.split_cfg, s.exchange_dtype),
             device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None,
             python=os.environ.get("DISTRIFUSION_PYTHON") or _python_beside(sys.executable),
             rank_timeout_s=s.rank_timeout_s, dtype=s.dtype,

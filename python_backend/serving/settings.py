@@ -21,6 +21,7 @@ class ServingSettings:
     mode: str = defaults.DEFAULT_MODE_NAME
     warmup_steps: int = defaults.DEFAULT_WARMUP_STEPS
     split_cfg: bool = True
+    exchange_dtype: str = "native"  # how the asynchronous steps' stale buffers travel (core/exchange_codec.py)
     # With more than one rank, the denoiser's rank group decodes the image too (each rank its slab,
     # core/patch_vae.py): the ensemble passes an image, and the repository has no vae_decoder model.
     # false: rank 0's latents go to the vae_decoder model, which decodes on one device.
