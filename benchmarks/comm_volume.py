@@ -15,8 +15,8 @@ Volumes are per rank per step:
   published  the bytes this rank contributes (its tensor);
   received   the bytes an all-gather delivers to it: every other rank's buffer, padded (as
              ``BufferExchange`` pads unequal slabs) to the group's largest buffer.
-The implementation all-gathers halos too, so a rank receives every other rank's halo rows although it
-uses only its two neighbours'.
+Conv halo rows travel point to point to the two neighbouring ranks only (``route_to_neighbours``), so a
+middle rank receives two halo buffers per layer, not N - 1.
 """
 
 from __future__ import annotations
@@ -111,13 +111,20 @@ class Publish:
     padded_numel: int  # elements each rank puts on the wire (the group's largest buffer)
     group_size: int
     total_numel: int  # elements of all ranks' buffers together (unpadded): the layer's full tensor
+    shapes: tuple = ()  # every rank's shape
+    neighbours_only: bool = False  # sent point to point to the ranks above and below, not all-gathered
+
+    @property
+    def senders(self) -> int:
+        """How many ranks' buffers a middle rank receives for this publication."""
+        return min(2, self.group_size - 1) if self.neighbours_only else self.group_size - 1
 
     def published(self, element_size: int | None = None) -> int:
         # A group of one rank (pure CFG parallelism) moves nothing: BufferExchange skips the collective.
         return 0 if self.group_size == 1 else self.numel * (element_size or self.element_size)
 
     def received(self, element_size: int | None = None) -> int:
-        return (self.group_size - 1) * self.padded_numel * (element_size or self.element_size)
+        return self.senders * self.padded_numel * (element_size or self.element_size)
 
 
 class CountingExchange(BufferExchange):
@@ -151,7 +158,8 @@ class CountingExchange(BufferExchange):
         padded = max(math.prod(s) for s in shapes)
         kind = self.kinds[key]  # KeyError: a layer layer_kinds() did not classify
         total = sum(math.prod(s) for s in shapes)
-        self.log.append(Publish(key, kind, op, tensor.numel(), tensor.element_size(), padded, self.size, total))
+        self.log.append(Publish(key, kind, op, tensor.numel(), tensor.element_size(), padded, self.size, total,
+                                tuple(shapes), key in self._to_neighbours))
         self._shapes[key] = (tensor, shapes)
 
     def _result(self, key):
@@ -470,7 +478,7 @@ def markdown_page(command, args, latent_h, latent_w, detail, per_gpu, activation
     n_max = max(args.ranks)
     m = measurements[(n_max, 2)]
     rows = {r.kind: r for r in summarise(m)}
-    halo_neighbour_only = rows[CONV].received / max(m.patches - 1, 1)
+    halo_all_gathered = sum((p.group_size - 1) * p.padded_numel * p.element_size for p in m.layers if p.kind == CONV)
     full_kv = sum(p.total_numel * p.element_size for p in m.layers if p.kind == ATTN)
     return f"""# Communication volume per denoising step
 
@@ -495,9 +503,9 @@ Produced by:
 - **layers**: patch-aware layers of that kind; each exchanges exactly once per step, so this is
   also the number of collectives per step.
 - **published**: bytes this rank contributes to the collectives.
-- **received**: bytes the all-gathers deliver to this rank: (N - 1) x the (padded) buffer per layer.
-  The implementation all-gathers conv halos too, so a rank receives every other rank's halo rows
-  although it only uses its two neighbours'.
+- **received**: bytes the exchanges deliver to a middle rank: (N - 1) x the (padded) buffer per layer.
+  Conv halo rows go point to point to the two neighbours only: a middle rank receives two halo
+  buffers per layer (min(2, N - 1)), whatever N.
 - **UNet output all-gather**: the output slabs, all-gathered over all GPUs (both CFG groups) at
   the end of every step so that every rank steps the scheduler on the full latent.
 
@@ -529,7 +537,8 @@ outputs (fp16).
   the same buffers. Modes `separate_gn` and `no_sync` skip the GroupNorm exchange, and `no_sync`
   exchanges nothing after the warm-up; the warm-up steps always exchange everything.
 - Received = (group size - 1) x the largest buffer in the group, since `BufferExchange` pads
-  unequal slabs to one size. With equal slabs (as here) every rank sends and receives the same.
+  unequal slabs to one size (conv halos: 2 x, from the neighbours; the end slabs have one). With
+  equal slabs (as here) every middle rank sends and receives the same.
 - Check by hand (conv halos): every 3x3 conv publishes 2 rows (its first and last) of its input,
   2 x W x C_in x batch x 2 bytes; e.g. `conv_out` at batch 2 reads 320 channels at width {latent_w}:
   2 x {latent_w} x 320 x 2 x 2 = {2 * latent_w * 320 * 2 * 2} bytes. The script recomputes the sum of this
@@ -541,9 +550,8 @@ outputs (fp16).
 - Self-attention K/V dominate. The full K/V of one step at batch 2 is {fmt(full_kv)} (all
   self-attention layers, K and V of every token); each rank receives (N - 1)/N of it, so what a rank
   receives *grows* towards that full size as N grows, while its compute shrinks as 1/N.
-- The halos are all-gathered: at N = {m.patches}, batch 2, a rank receives {fmt(rows[CONV].received)} of
-  halo rows but uses only its neighbours'; a neighbour-only exchange (send/recv) would move
-  {fmt(halo_neighbour_only)}.
+- The halos go to the neighbours only: at N = {m.patches}, batch 2, a middle rank receives
+  {fmt(rows[CONV].received)} of halo rows; all-gathered (as before) it received {fmt(halo_all_gathered)}.
 - GroupNorm statistics and the output all-gather are negligible in bytes; the GroupNorm exchanges
   matter by their count (one collective per GroupNorm layer per step), blocking in the warm-up steps
   and in `full_sync`/`sync_gn`.

@@ -1,6 +1,6 @@
-"""Sparse computation: one rank's UNet time per step at N = 2 and 4 against one device.
+"""Sparse computation: one rank's UNet time per step at N = 2, 4 and 8 against one device.
 
-    python benchmarks/sparse_compute.py [--model DIR] [--height 1024 --width 1024] [--ranks 2 4]
+    python benchmarks/sparse_compute.py [--model DIR] [--height 1024 --width 1024] [--ranks 2 4 8]
                                         [--repeats 5] [--out docs/sparse_compute.md]
 
 Measures the computation of a single rank, one thread, in one process: the rank's patched UNet runs
@@ -8,6 +8,10 @@ its slab with a loopback exchange (the other slabs' buffers are zeros of the rig
 without a network), so neither communication nor the other ranks' processes competing for this
 machine's two cores enter the figure. The baseline is diffusers' own unpatched UNet on the whole
 latent. Target: at most 1.10 / N of the baseline.
+
+Each N runs twice, side by side: as patched now (keys and values projected by one fused product,
+cross-attention text keys and values computed once per generation) and as before that ("unfused":
+two projections and a concatenation, text keys and values every step).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from python_backend.core.exchange import BufferExchange
 from python_backend.core.layout import PatchLayout
 from python_backend.core.model import encode_prompt, load_pipeline
 from python_backend.core.modes import Mode
-from python_backend.core.patch_layers import patch_unet
+from python_backend.core.patch_layers import CachedCrossAttentionProcessor, PatchSelfAttentionProcessor, patch_unet
 
 from common import model_or_tiny  # also puts the repository root on sys.path
 
@@ -37,6 +41,17 @@ class LoopbackExchange(BufferExchange):
         slots.zero_()
         slots[self.index].copy_(send)
         return None
+
+
+def unfuse(unet) -> None:
+    """The patched UNet as it was before the step's compute was trimmed: separate key and value
+    projections concatenated for the exchange, and the layer's own cross-attention processor."""
+    for module in unet.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, PatchSelfAttentionProcessor):
+            processor.fused = lambda attn, x: torch.cat([attn.to_k(x), attn.to_v(x)], dim=-1)
+        elif isinstance(processor, CachedCrossAttentionProcessor):
+            module.set_processor(processor.fallback)
 
 
 def time_steps(unet, inputs, repeats: int, before_each=None) -> float:
@@ -58,7 +73,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/sparse_compute.md"))
     args = parser.parse_args()
@@ -77,18 +92,23 @@ def main() -> None:
     print(f"N=1 diffusers UNet: {baseline * 1000:.1f} ms/step", flush=True)
     rows = [(1, "diffusers UNet, whole latent", baseline)]
     for n in [1] + args.ranks:
-        unet = type(pipe.unet).from_config(pipe.unet.config)
-        unet.load_state_dict(state)
-        unet.eval()
-        index = n // 2  # a middle slab: it borrows halos from both neighbours
-        layout = PatchLayout.split(args.height // 8, n, factor, index)
-        context = PatchContext(layout, LoopbackExchange(None, index, n), Mode.CORRECTED_ASYNC_GN, warmup_steps=1)
-        patch_unet(unet, context)
-        # step 0 is the synchronous warm-up that fills the buffers; the timed steps are asynchronous
-        seconds = time_steps(unet, inputs, args.repeats, before_each=context.begin_step)
-        rows.append((n, f"patched UNet, rank {index} of {n}, asynchronous step", seconds))
-        print(f"N={n} rank {index}: {seconds * 1000:.1f} ms/step = {seconds / baseline:.3f} of N=1 "
-              f"(target <= {1.10 / n:.3f})", flush=True)
+        for variant in ("unfused", "fused"):
+            unet = type(pipe.unet).from_config(pipe.unet.config)
+            unet.load_state_dict(state)
+            unet.eval()
+            index = n // 2  # a middle slab: it borrows halos from both neighbours
+            layout = PatchLayout.split(args.height // 8, n, factor, index)
+            context = PatchContext(layout, LoopbackExchange(None, index, n), Mode.CORRECTED_ASYNC_GN, warmup_steps=1)
+            patch_unet(unet, context)
+            if variant == "unfused":
+                unfuse(unet)
+            context.begin_generation()
+            # step 0 is the synchronous warm-up that fills the buffers; the timed steps are asynchronous
+            seconds = time_steps(unet, inputs, args.repeats, before_each=context.begin_step)
+            what = f"patched UNet ({variant}), rank {index} of {n}, asynchronous step"
+            rows.append((n, what, seconds))
+            print(f"N={n} {variant} rank {index}: {seconds * 1000:.1f} ms/step = {seconds / baseline:.3f} of N=1 "
+                  f"(target <= {1.10 / n:.3f})", flush=True)
 
     lines = [
         "# Sparse computation: one rank's UNet time per step",
@@ -97,7 +117,10 @@ def main() -> None:
         f"{args.height // 8}x{args.width // 8}), batch 2 (guided, no CFG split), one thread, one process, "
         f"median of {args.repeats} calls, `corrected_async_gn` asynchronous steps. The other slabs' buffers are "
         "delivered by a loopback exchange (zeros, no network), so this is the rank's computation alone. "
-        "Target: at most 1.10 / N of the single-device time.",
+        "Target: at most 1.10 / N of the single-device time. *fused*: the step as shipped (keys and values "
+        "projected by one product, cross-attention text keys and values once per generation); *unfused*: "
+        "as before that (two projections and a concatenation, text keys and values every step), measured "
+        "side by side in the same run.",
         "",
         "Produced by:",
         "",

@@ -276,3 +276,42 @@ def test_a_codec_delivers_the_previous_steps_buffers_within_its_error_and_sends_
     ratio = native / published[("tokens", "started")]
     assert ratio > (3.9 if spec_text.startswith("int8") else 1.99), (spec_text, ratio)
     assert published[("moments", "started")] == 2 * 2 * 4 * 4  # sent as they are
+
+
+def _neighbours_job(ranks):
+    """Halo-like keys routed to the neighbours, blocking and asynchronous, beside an all-gathered key."""
+    import torch.distributed as dist
+
+    size, rank = ranks.world_size, ranks.rank
+    exchange = BufferExchange(dist.group.WORLD, rank, size)
+    exchange.route_to_neighbours("halo")
+    halo = [(1, 2, 2, 3)] * size
+    reads = []
+    for step in range(4):
+        exchange.step = step
+        mine = torch.full(halo[rank], 100.0 * step + rank)
+        if step == 0:
+            got = exchange.gather("halo", mine, halo)
+        else:
+            got = exchange.latest("halo")
+            exchange.start("halo", mine, halo)
+            exchange.start("everyone", mine[0, 0], [(2, 3)] * size)
+            exchange.flush()
+        reads.append([float(t.flatten()[0]) for t in got])
+    exchange.drain()
+    everyone = [None] * size
+    dist.all_gather_object(everyone, reads)
+    return everyone
+
+
+def test_halo_keys_reach_only_the_neighbouring_ranks_step_after_step():
+    size = 4
+    per_rank = run_on_ranks(size, _neighbours_job)
+    for reader, reads in enumerate(per_rank):
+        for step, values in enumerate(reads):
+            published = 0 if step == 0 else step - 1  # blocking at step 0, then the previous step's
+            for publisher, value in enumerate(values):
+                if publisher == reader or abs(publisher - reader) == 1:
+                    assert value == 100.0 * published + publisher, (reader, step, publisher, value)
+                else:
+                    assert value == 0.0, f"rank {reader} received rank {publisher}'s halo at step {step}"

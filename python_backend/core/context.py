@@ -53,11 +53,17 @@ class PatchContext:
     def index(self) -> int:
         return self.layout.index
 
-    def activations(self, key: str, fresh: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    def activations(self, key: str, fresh: torch.Tensor, shapes: list[tuple[int, ...]],
+                    neighbours_only: bool = False) -> list[torch.Tensor]:
         """Every slab's published activations for this layer; this rank's slot is always ``fresh``
-        (isolated: only ``fresh``, nothing is published)."""
+        (isolated: only ``fresh``, nothing is published). ``neighbours_only``: the layer reads only the
+        slabs just above and below (halo rows), so a transport that can route may send them only there
+        (the other slots then hold zeros)."""
         if self.isolated:
             return [fresh]
+        route = getattr(self.exchange, "route_to_neighbours", None)
+        if neighbours_only and route is not None:
+            route(key)
         if self.synchronous:
             return self.exchange.gather(key, fresh, shapes)
         stale = self.exchange.latest(key)

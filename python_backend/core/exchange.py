@@ -11,6 +11,10 @@ buffers while the next ones arrive and a steady-state step allocates nothing; ea
 key gets one buffer pair of its own. Storage that a generation did not use is released at the next
 ``reset`` (another size or batch), so a deployment that varies its requests does not accumulate it.
 
+Keys routed to the neighbours (``route_to_neighbours``: conv halo rows, which only the slabs just above
+and below read) travel point to point to those two ranks instead of to every rank; the other ranks'
+slots of their gathered lists hold zeros.
+
 With a ``codec`` (``--exchange-dtype``, core/exchange_codec.py) the asynchronous exchanges travel as
 the codec's uint8 wire (all keys in one bundle) and every gathered buffer is decoded once, when it is
 first read; blocking (synchronous) gathers stay exact and tell the codec what every rank now holds.
@@ -84,7 +88,8 @@ class _Storage:
             slots[key] = (offset, length, shapes)
             offset += length
         send = torch.zeros(offset, dtype=dtype, device=device)  # the padding stays zero
-        receive = [torch.empty(size * offset, dtype=dtype, device=device) for _ in range(turns)]  # flat: gloo wants it
+        # flat (gloo wants it); zeros, because a neighbours-only exchange never writes the other ranks' slots
+        receive = [torch.zeros(size * offset, dtype=dtype, device=device) for _ in range(turns)]
         return cls(slots, send, receive, wire)
 
     def slot(self, key: str) -> torch.Tensor:
@@ -128,6 +133,12 @@ class BufferExchange:
     clock: WaitClock = field(default_factory=WaitClock)  # time held up by collectives (blocking gathers, waits)
     _storage: dict[tuple, _Storage] = field(default_factory=dict)  # by (keys and shapes, dtype, device)
     codec: ExchangeCodec | None = None  # None: asynchronous exchanges travel as they are (native)
+    _to_neighbours: set[str] = field(default_factory=set)  # keys only the neighbouring ranks read
+
+    def route_to_neighbours(self, key: str) -> None:
+        """From now on ``key`` goes only to the ranks just above and below this one (conv halo rows:
+        no other rank reads them); every rank of the group routes the same keys."""
+        self._to_neighbours.add(key)
 
     @property
     def held_keys(self) -> list[str]:
@@ -144,7 +155,8 @@ class BufferExchange:
         self._retire(key)
         started = self.clock.begin(tensor.device)
         if self.retain and self.size > 1:
-            pending = self._launch_into_storage([(key, tensor, [tuple(s) for s in shapes])], async_op=False)[key]
+            pending = self._launch_into_storage([(key, tensor, [tuple(s) for s in shapes])], async_op=False,
+                                                to_neighbours=key in self._to_neighbours)[key]
         else:
             pending = self._launch(tensor, shapes, async_op=False)
         self.clock.end(started)
@@ -174,25 +186,29 @@ class BufferExchange:
         # Each key is padded to its largest per-rank size (rounded up to the slot alignment), so every
         # rank's bundle has the same length and every key starts aligned; latest(key) unpacks a key from
         # it exactly as if it had travelled alone. One bundle per dtype (a codec's wire: one in all).
-        groups: dict[torch.dtype, list] = {}
+        groups: dict[tuple, list] = {}
         for key, tensor, shapes in items:
             self._retire(key)
             carried_as = torch.uint8 if self.codec is not None and self.size > 1 else tensor.dtype
-            groups.setdefault(carried_as, []).append((key, tensor, [tuple(s) for s in shapes]))
-        for group in groups.values():
+            route = key in self._to_neighbours
+            groups.setdefault((carried_as, route), []).append((key, tensor, [tuple(s) for s in shapes]))
+        for (_, route), group in groups.items():
             if self.size == 1:
                 for key, tensor, shapes in group:
                     self._latest[key] = _Gather(self.step, shapes, [tensor.contiguous()], None)
                     self._log(key, "started", self.step, tensor)
             else:
-                self._latest.update(self._launch_into_storage(group, async_op=True))
+                self._latest.update(self._launch_into_storage(group, async_op=True, to_neighbours=route))
 
-    def _launch_into_storage(self, group, async_op: bool) -> dict[str, _Gather]:
+    def _launch_into_storage(self, group, async_op: bool, to_neighbours: bool = False) -> dict[str, _Gather]:
         """One collective for ``group`` through the storage registered for exactly these keys and shapes
-        (a codec's wire for asynchronous ones, if there is a codec); returns each key's pending gather."""
+        (a codec's wire for asynchronous ones, if there is a codec): an all-gather, or with
+        ``to_neighbours`` a point-to-point exchange with the ranks above and below; returns each key's
+        pending gather."""
         first = group[0][1]
         codec = self.codec if async_op else None
-        signature = (tuple((key, t.dtype, tuple(shapes)) for key, t, shapes in group), first.device, async_op)
+        signature = (tuple((key, t.dtype, tuple(shapes)) for key, t, shapes in group), first.device, async_op,
+                     to_neighbours)
         storage = self._storage.get(signature)
         if storage is None:
             if codec is None:
@@ -214,7 +230,10 @@ class BufferExchange:
             else:
                 published[key] = codec.encode(key, tensor, out=storage.slot(key)).numel()
         receive = storage.take_turn()
-        work = self._collect(receive, storage.send, async_op)
+        if to_neighbours:
+            work = self._swap_with_neighbours(receive, storage.send, async_op)
+        else:
+            work = self._collect(receive, storage.send, async_op)
         carrier = _Gather(self.step, [], [storage.send], work)
         storage.last = carrier
         pending = {}
@@ -282,6 +301,24 @@ class BufferExchange:
         work = gather(output, send, group=self.group, async_op=async_op)
         return work if async_op else None
 
+    def _swap_with_neighbours(self, output: torch.Tensor, send: torch.Tensor, async_op: bool):
+        """Sends ``send`` to the ranks just above and below and receives theirs into their slots of the
+        flat ``output`` (this rank's own slot gets ``send``); the async handle or None."""
+        stride = send.numel()
+        output[self.index * stride : (self.index + 1) * stride].copy_(send)
+        operations = []
+        for peer in (self.index - 1, self.index + 1):
+            if 0 <= peer < self.size:
+                other = dist.get_global_rank(self.group, peer) if self.group is not None else peer
+                operations.append(dist.P2POp(dist.isend, send, other, group=self.group))
+                operations.append(dist.P2POp(dist.irecv, output[peer * stride : (peer + 1) * stride], other,
+                                             group=self.group))
+        work = _AllOf(dist.batch_isend_irecv(operations))
+        if async_op:
+            return work
+        work.wait()
+        return None
+
     def _complete(self, pending: _Gather) -> list[torch.Tensor]:
         if pending.result is None and pending.carrier is not None:
             self._complete(pending.carrier)
@@ -308,6 +345,17 @@ class BufferExchange:
             if nbytes is None:
                 nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
             self.events.append(ExchangeEvent(key, kind, self.step, started_step, nbytes))
+
+
+@dataclass
+class _AllOf:
+    """One handle for several point-to-point operations."""
+
+    works: list
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
 @dataclass

@@ -155,12 +155,14 @@ def channel_count(shape) -> int:
     return 1 if axis is None else shape[axis]
 
 
-def should_compress(shape, dtype: torch.dtype, min_bytes: int = MIN_COMPRESSED_BYTES) -> bool:
+def should_compress(shape, dtype: torch.dtype, min_bytes: int | None = None) -> bool:
     """Only large float buffers of rank 3 or 4 (K/V, halo rows) are compressed; small ones (GroupNorm
-    moments among them) are latency-bound and travel exact."""
+    moments among them) are latency-bound and travel exact. ``min_bytes`` defaults to the module's
+    MIN_COMPRESSED_BYTES, read at the call (a benchmark lowers it to compress a small model's buffers
+    as a full-size model's would be)."""
     if dtype not in COMPRESSIBLE_DTYPES or channel_axis(shape) is None:
         return False
-    return math.prod(shape) * dtype.itemsize >= min_bytes
+    return math.prod(shape) * dtype.itemsize >= (MIN_COMPRESSED_BYTES if min_bytes is None else min_bytes)
 
 
 def compression_ratio(spec: CodecSpec, shape, dtype: torch.dtype) -> float:

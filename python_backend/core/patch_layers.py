@@ -30,7 +30,8 @@ class PatchConv2d(nn.Module):
         if x.shape[2] < max(self.halo.top, self.halo.bottom):
             raise ValueError(f"{self.key}: a slab of {x.shape[2]} rows is thinner than the halo {self.halo}")
         payload = patch_math.halo_payload(x, self.halo)
-        payloads = self.context.activations(self.key, payload, [tuple(payload.shape)] * self.context.layout.num_patches)
+        payloads = self.context.activations(self.key, payload, [tuple(payload.shape)] * self.context.layout.num_patches,
+                                            neighbours_only=True)
         above, below = patch_math.neighbour_rows(payloads, self.context.index, self.halo, x)
         return patch_math.conv_rows(self.conv, torch.cat([above, x, below], dim=2))
 
