@@ -37,6 +37,9 @@ def _generate_args(model, *extra):
         (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
         (["--scheduler", "lms"], "argument --scheduler: invalid choice: 'lms'"),
         (["--mode", "async"], "argument --mode: invalid choice: 'async'"),
+        (["--exchange-dtype", "int4"], "argument --exchange-dtype: invalid choice: 'int4'"),
+        # refused before any engine is built: TensorRT engines cannot feed CPU ranks
+        (["--engine", "tensorrt", "--device", "cpu"], "--engine tensorrt: TensorRT engines run on NVIDIA GPUs only"),
     ],
 )
 def test_bad_values_name_the_flag(tiny_sdxl, capsys, extra, message):

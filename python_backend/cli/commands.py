@@ -288,6 +288,13 @@ def _generate(args) -> int:
     validate_generate_args(args)
     _print_parallel_explanation(args)
     device_kind = resolve_device_kind(args.device)
+    if args.engine != "torch":
+        from ..engines.runners import EngineDeviceError, check_backend_device
+
+        try:
+            check_backend_device(args.engine, device_kind)
+        except EngineDeviceError as error:
+            raise UsageError(f"--engine {args.engine}: {error}") from None
     if device_kind == "cuda" and args.ranks > torch.cuda.device_count():
         raise UsageError(f"--ranks {args.ranks} needs {args.ranks} GPUs; {torch.cuda.device_count()} present")
     request = GenerationRequest(

@@ -113,8 +113,7 @@ class CachedCrossAttentionProcessor:
         self._cached: tuple | None = None  # (generation and text tensor identity, (key, value))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if (tracing or encoder_hidden_states is None or attention_mask is not None or attn.norm_cross
+        if (_building_a_graph() or encoder_hidden_states is None or attention_mask is not None or attn.norm_cross
                 or attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
@@ -147,14 +146,31 @@ class FusedKeyValue:
         k, v = attn.to_k, attn.to_v
         if type(k) is not nn.Linear or type(v) is not nn.Linear:  # adapters (LoRA) run as they are
             return torch.cat([k(hidden_states), v(hidden_states)], dim=-1)
+        if _building_a_graph():
+            # a graph being exported: the concatenated weights are written inline (the exporter folds
+            # them into one constant), nothing is cached from traced values
+            return nn.functional.linear(hidden_states, torch.cat([k.weight, v.weight]), _fused_bias(k, v))
         source = (k.weight.data_ptr(), v.weight.data_ptr(), k.weight._version, v.weight._version,
                   k.weight.device, k.weight.dtype)
         if source != self._made_from:
             self._weight = torch.cat([k.weight, v.weight]).detach()
-            biased = k.bias is not None or v.bias is not None
-            self._bias = torch.cat([_bias_or_zeros(k), _bias_or_zeros(v)]).detach() if biased else None
+            bias = _fused_bias(k, v)
+            self._bias = None if bias is None else bias.detach()
             self._made_from = source
         return nn.functional.linear(hidden_states, self._weight, self._bias)
+
+
+def _building_a_graph() -> bool:
+    """Whether this forward is being traced or exported (TorchScript, ONNX, torch.export or compile):
+    then values are symbolic, nothing may be cached from them and no data pointer can be read."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
+
+
+def _fused_bias(k: nn.Linear, v: nn.Linear) -> torch.Tensor | None:
+    if k.bias is None and v.bias is None:
+        return None
+    return torch.cat([_bias_or_zeros(k), _bias_or_zeros(v)])
 
 
 def _bias_or_zeros(linear: nn.Linear) -> torch.Tensor:

@@ -112,8 +112,16 @@ def decoder_fields(request: BuildRequest, info: ModelInfo) -> dict | None:
             "unit_rows": info.downsampling_factor, "format": VAE_EXPORT_FORMAT}
 
 
-def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, progress: bool = True) -> Path:
-    """Exports (and compiles) every rank's segments unless the cache has them; returns the build folder."""
+def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, progress: bool = True,
+          device: str | torch.device | None = None) -> Path:
+    """Exports (and compiles) every rank's segments unless the cache has them; returns the build folder.
+
+    ``device``: where the ranks that will load this build run, when the caller knows (a device kind, "auto"
+    or a name); a backend that cannot feed them is refused before any work (``check_backend_device``)."""
+    if device is not None:
+        from .runners import check_backend_device
+
+        check_backend_device(request.backend, device)
     started = time.perf_counter()
     key, fields = cache_key(request)
     folder = out / key

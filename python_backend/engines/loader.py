@@ -15,6 +15,7 @@ from ..core.patch_vae import ParallelVaeDecoder
 from ..core.parallel import ParallelConfig
 from ..core.ranks import RankGroup
 from .engine_set import EngineSet
+from .runners import check_backend_device
 
 log = logging.getLogger("distrifusion.loader")
 
@@ -28,6 +29,7 @@ def load_denoiser(model: str, ranks: RankGroup, parallel: ParallelConfig, dtype:
     VAE is loaded."""
     if engine not in ENGINE_BACKENDS:
         raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINE_BACKENDS)}")
+    check_backend_device(engine, ranks.device)  # before anything is loaded
     pipe = load_pipeline(model, ranks.device, torch_dtype(dtype, ranks.device), unet_only=unet_only)
     engines = None if engine == "torch" else EngineSet(engine_dir, engine)
     return PatchParallelDenoiser(pipe, ranks, parallel, engines)
@@ -44,6 +46,7 @@ def load_parallel_decoder(model: str, ranks: RankGroup, engine: str = "torch", e
 
     group = dist.group.WORLD if ranks.world_size > 1 else None
     if engine != "torch":
+        check_backend_device(engine, ranks.device)
         rank_dir = Path(engine_dir) / "vae" / f"rank{ranks.rank}"
         if (rank_dir / "manifest.json").is_file():
             pieces = SegmentedVaeDecoder(rank_dir, engine, ranks.world_size, ranks.device)

@@ -3,6 +3,17 @@
 Before a segment runs, the stale buffers it reads are taken from the exchange (waiting, if need be,
 for the all-gather started when the same segment ran in the previous step); right after it runs,
 its fresh buffers go out together in one async all-gather while the next segment computes.
+
+Who holds a runner's outputs, and until when (a TensorRT runner returns the same output tensors from every
+run, so each must be used up before its runner runs again, and every runner here runs once a step):
+- a segment's fresh buffers: ``exchange.start`` queues them and ``flush()``, right after the segment,
+  copies them into the collective's send buffer (``BufferExchange``). In a group of one rank the exchange
+  keeps the tensor itself and hands it back as the same segment's stale input in the next step: the
+  TensorRT runner copies an input that lies in its own outputs before it overwrites them;
+- its activations and skip connections: read by later segments of the same step;
+- the embedding's ``temb``: read by every segment of the same step;
+- the last segment's ``noise``: returned; the denoising loop builds the full output from it within the
+  same step (its concatenation copies it).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ class SegmentedUNet:
         batch = sample.shape[0]
         feeds = {"timestep": torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(batch)}
         if cond.added_cond_kwargs is not None:
-            feeds.update({k: v.float() for k, v in cond.added_cond_kwargs.items()})
+            feeds.update(cond.added_cond_kwargs)  # each runner casts to what its graph declares
         tensors = {"sample": sample, "text": cond.prompt_embeds, "temb": self.embed.run(feeds)["temb"]}
         for spec, runner in self.segments:
             feeds = {name: tensors[name] for name in spec["inputs"]}

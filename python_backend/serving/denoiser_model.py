@@ -42,6 +42,13 @@ class TritonPythonModel:
             torch_dtype(s.dtype, torch.device(device_kind))
         except ValueError as error:
             raise ValueError(f"model config parameter 'dtype': {error}") from None
+        if s.engine != "torch":
+            from ..engines.runners import EngineDeviceError, check_backend_device
+
+            try:
+                check_backend_device(s.engine, device_kind)
+            except EngineDeviceError as error:
+                raise ValueError(f"model config parameter 'engine' is {s.engine!r}: {error}") from None
         try:
             CodecSpec.parse(s.exchange_dtype)
         except ValueError as error:
