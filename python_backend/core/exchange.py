@@ -137,8 +137,10 @@ class BufferExchange:
 
     def route_to_neighbours(self, key: str) -> None:
         """From now on ``key`` goes only to the ranks just above and below this one (conv halo rows:
-        no other rank reads them); every rank of the group routes the same keys."""
-        self._to_neighbours.add(key)
+        no other rank reads them); every rank of the group routes the same keys. With two ranks the
+        neighbour is every other rank, so the key stays in the all-gather (one collective fewer)."""
+        if self.size > 2:
+            self._to_neighbours.add(key)
 
     @property
     def held_keys(self) -> list[str]:

@@ -25,8 +25,8 @@ class PatchConv2d(nn.Module):
         self.halo = patch_math.Halo.of(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.context.isolated:
-            return self.conv(x)  # the layer's own zero padding at the slab's borders
+        if self.context.isolated or self.context.layout.num_patches == 1:
+            return self.conv(x)  # the layer's own zero padding at the slab's borders (one slab: the map's)
         if x.shape[2] < max(self.halo.top, self.halo.bottom):
             raise ValueError(f"{self.key}: a slab of {x.shape[2]} rows is thinner than the halo {self.halo}")
         payload = patch_math.halo_payload(x, self.halo)
@@ -62,6 +62,9 @@ class PatchGroupNorm(nn.Module):
         self.context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context.layout.num_patches == 1 and not _building_a_graph():
+            # one slab is the whole map: the layer's own kernel (exported graphs keep the float32 moments)
+            return self.norm(x)
         fresh = patch_math.group_moments(x, self.norm.num_groups)
         mean, var = self.context.group_norm_moments(self.key, fresh)
         return patch_math.group_normalize(x, self.norm, mean, var)
