@@ -62,10 +62,9 @@ class PatchGroupNorm(nn.Module):
         self.context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.context.layout.num_patches == 1 and not _building_a_graph():
-            # one slab is the whole map: the layer's own kernel (exported graphs keep the float32 moments)
-            return self.norm(x)
         fresh = patch_math.group_moments(x, self.norm.num_groups)
+        if self.context.layout.num_patches == 1:  # one slab is the whole map: nothing to exchange
+            return patch_math.group_normalize(x, self.norm, fresh[0], patch_math.variance(fresh))
         mean, var = self.context.group_norm_moments(self.key, fresh)
         return patch_math.group_normalize(x, self.norm, mean, var)
 
