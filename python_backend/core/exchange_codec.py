@@ -60,6 +60,7 @@ Residual compression with error feedback (``+residual``)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -71,8 +72,10 @@ ALLOWED_VALUES = (
 )
 """What ``--exchange-dtype`` accepts."""
 
-MIN_COMPRESSED_BYTES = 64 * 1024
-"""Buffers smaller than this (in the source dtype) always travel exact."""
+MIN_COMPRESSED_BYTES = int(os.environ.get("DISTRIFUSION_MIN_COMPRESSED_BYTES", 64 * 1024))
+"""Buffers smaller than this (in the source dtype) always travel exact. The environment variable lowers it
+for tests and benchmarks on small models (0: compress every K/V and halo buffer, as at full size); rank
+processes inherit it."""
 
 COMPRESSIBLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE_DTYPE = torch.float32
