@@ -99,6 +99,7 @@ def test_stock_settings_allow_the_documented_defaults():
 
 CHANGED = ServingSettings(
     model_dir="/models/my sdxl", ranks=4, mode="stale_gn", warmup_steps=0, split_cfg=False, parallel_vae=False,
+    exchange_dtype="int8+residual",
     engine="onnxruntime",
     engine_dir="/engines/abc", device="cpu", dtype="bfloat16", sizes="1024x1024,768x1344", default_steps=30, default_guidance=7.25,
     default_scheduler="dpmpp-2m", default_seed=123456789012, default_height=768, default_width=1344, max_steps=150,
