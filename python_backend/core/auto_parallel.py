@@ -265,13 +265,14 @@ def rank_compute_ms(inputs: AutoParallelInputs, patches: int, batch: int) -> flo
 
 
 def received_mib(inputs: AutoParallelInputs, patches: int, batch: int) -> float:
-    """What one rank receives per step from its patch group: (N-1)/N of the K/V, (N-1) x its halos."""
+    """What a middle rank receives per step from its patch group: (N-1)/N of the K/V, and its halos from
+    its (at most two) neighbours; halo rows go point to point (core/exchange.py)."""
     if patches == 1:
         return 0.0
     figures = inputs.figures
     kv_mib = figures.kv_mib_per_image * batch * inputs.pixel_scale
     halo_mib = figures.halo_mib_per_image * batch * inputs.width / figures.reference_width
-    return kv_mib * (patches - 1) / patches + halo_mib * (patches - 1)
+    return kv_mib * (patches - 1) / patches + halo_mib * min(2, patches - 1)
 
 
 def output_gather_ms(inputs: AutoParallelInputs, ranks: int) -> float:
