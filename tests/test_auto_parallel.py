@@ -60,6 +60,10 @@ CASES = [
      ["CFG split + 3 patches per guidance half on 6 GPUs", "16 GB/s", "282.3 MiB",
       "rejected CFG split + 4 patches per guidance half on 8 GPUs", "315.6 MiB",
       "ms of it exposed in every asynchronous step", "uses 6 of the 8 GPUs given"]),
+    ("8 GPUs over PCIe with int8+residual: half the bytes in asynchronous steps, so all 8 GPUs pay",
+     dict(gpus=8, height=1024, width=1024, guided=True, interconnect=PCIE, exchange_dtype="int8+residual"),
+     (8, True, 4, 4),
+     ["CFG split + 4 patches per guidance half on 8 GPUs", "exchange int8+residual: asynchronous steps send 0.5x"]),
     ("PCIe and every step synchronous (full_sync): CFG split only",
      dict(gpus=8, height=1024, width=1024, guided=True, interconnect=PCIE, all_steps_synchronous=True),
      (2, True, 1, 0),
@@ -308,3 +312,8 @@ def test_generate_parses_parallel_auto_and_refuses_bad_values(sdxl_configs, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["distrifusion generate: error: --parallel cfg runs one guidance half per GPU: it needs --ranks 2, "
                    "got 4 (--parallel both splits more GPUs into two patch groups)"]
+
+
+def test_an_unknown_exchange_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match="exchange_dtype must be one of native, float16, bfloat16, int8, int4"):
+        AutoParallelInputs(gpus=2, height=1024, width=1024, guided=True, exchange_dtype="int3")

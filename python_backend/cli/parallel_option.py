@@ -63,6 +63,7 @@ def _apply_auto(args, info) -> str:
             warmup_steps=args.warmup_steps, allow_cfg_split=not args.no_split_cfg,
             all_steps_synchronous=args.mode == Mode.FULL_SYNC.value,
             row_unit_px=info.vae_scale * info.downsampling_factor,
+            exchange_dtype=getattr(args, "exchange_dtype", "native"),
         )
     except ValueError as error:
         raise ParallelOptionError(f"--parallel auto: {error}") from None

@@ -143,6 +143,20 @@ def interconnect_from_text(text: str) -> Interconnect:
     return Interconnect(f"{bandwidth:g} GB/s link", bandwidth, CUSTOM_LATENCY_MS)
 
 
+WIRE_FRACTION = {"native": 1.0, "float16": 1.0, "bfloat16": 1.0, "int8": 0.5, "int4": 0.25}
+"""Bytes on the wire per byte of an fp16 activation, by ``--exchange-dtype`` format (core/exchange_codec.py;
+the per-channel scales are under 0.1 % at SDXL sizes): what the asynchronous steps send. Warm-up steps
+are exact."""
+
+
+def wire_fraction(exchange_dtype: str) -> float:
+    fmt = exchange_dtype.strip().lower().partition("+")[0]
+    if fmt not in WIRE_FRACTION:
+        raise ValueError(f"exchange_dtype must be one of {', '.join(WIRE_FRACTION)} (optionally +residual), "
+                         f"got {exchange_dtype!r}")
+    return WIRE_FRACTION[fmt]
+
+
 @dataclass(frozen=True)
 class AutoParallelInputs:
     gpus: int  # available; the choice may use fewer
@@ -157,8 +171,10 @@ class AutoParallelInputs:
     allow_cfg_split: bool = True  # False: --no-split-cfg, patches only
     all_steps_synchronous: bool = False  # mode full_sync: nothing hides behind computation
     row_unit_px: int | None = None  # the model's slab unit in image rows; None: the figures'
+    exchange_dtype: str = "native"  # how the asynchronous steps' buffers travel (--exchange-dtype)
 
     def __post_init__(self):
+        wire_fraction(self.exchange_dtype)
         _check_range("gpus", self.gpus, 1, MAX_GPUS, integer=True)
         unit = self.slab_unit_px
         _check_range("row_unit_px", unit, 8, math.inf, integer=True)
@@ -291,9 +307,11 @@ def estimate_layout(inputs: AutoParallelInputs, ranks: int, split_cfg: bool, war
     compute = rank_compute_ms(inputs, shape.patches, shape.batch)
     mib = received_mib(inputs, shape.patches, shape.batch)
     link = inputs.interconnect
-    comm = link.transfer_ms(mib) + link.latency_ms * inputs.figures.layer_collectives if shape.patches > 1 else 0.0
+    latencies = link.latency_ms * inputs.figures.layer_collectives
+    comm = link.transfer_ms(mib) + latencies if shape.patches > 1 else 0.0  # warm-up steps: exact
+    async_comm = link.transfer_ms(mib * wire_fraction(inputs.exchange_dtype)) + latencies if shape.patches > 1 else 0.0
     gather = output_gather_ms(inputs, ranks)
-    exposed = max(0.0, comm - compute)
+    exposed = max(0.0, async_comm - compute)
     sync_step = compute + comm + gather
     async_step = compute + exposed + gather
     if shape.patches == 1:
@@ -387,7 +405,10 @@ def _header(inputs: AutoParallelInputs) -> str:
     return (f"parallel auto: {inputs.gpus} GPU(s), {inputs.height}x{inputs.width}, {guidance}, "
             f"{inputs.num_images} image(s), {inputs.steps} steps; {figures.family} figures: one-GPU UNet step "
             f"{figures.step_ms:.1f} ms at {figures.reference_height}x{figures.reference_width} batch 2 "
-            f"({figures.fixed_ms:g} ms of it fixed per-step overhead); interconnect {inputs.interconnect.describe()}")
+            f"({figures.fixed_ms:g} ms of it fixed per-step overhead); interconnect {inputs.interconnect.describe()}"
+            + ("" if wire_fraction(inputs.exchange_dtype) == 1.0 else
+               f"; exchange {inputs.exchange_dtype}: asynchronous steps send {wire_fraction(inputs.exchange_dtype):g}x "
+               "the bytes"))
 
 
 def _verdict(chosen: LayoutEstimate, single: LayoutEstimate, warmup: int) -> str:
@@ -478,6 +499,7 @@ def _parse_args(argv):
     parser.add_argument("--interconnect", default="nvlink", help="nvlink, pcie or a bandwidth in GB/s")
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: chosen")
     parser.add_argument("--no-split-cfg", action="store_true", help="patches only")
+    parser.add_argument("--exchange-dtype", default="native", help="as build/generate's --exchange-dtype")
     parser.add_argument("--measured-step-ms", type=float, default=None,
                         help="your one-GPU UNet step (batch 2) at --height x --width, in place of the assumed one")
     return parser.parse_args(argv)
@@ -493,7 +515,7 @@ def main(argv=None) -> int:
             gpus=args.gpus, height=args.height, width=args.width, guided=args.guidance > 1,
             num_images=args.num_images, steps=args.steps, figures=figures,
             interconnect=interconnect_from_text(args.interconnect), warmup_steps=args.warmup_steps,
-            allow_cfg_split=not args.no_split_cfg,
+            allow_cfg_split=not args.no_split_cfg, exchange_dtype=args.exchange_dtype,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
