@@ -179,21 +179,27 @@ def _build_request(args, backend: str, precision: str | None):
     )
 
 
-def _build_engines(request, out, force=False):
+def _build_engines(request, out, force=False, device=None):
+    """``device``: where the ranks that run these engines are (generate knows; build does not), so a backend
+    that cannot feed them is refused before any work."""
     from ..engines.build import DEFAULT_OUT, build
     from ..engines.export import graph_mode
+    from ..engines.runners import EngineDeviceError
 
     patches, _ = request.patches_and_batch()
     try:
         graph_mode(Mode(request.mode), patches)
     except ValueError as error:
         raise UsageError(f"--mode: {error}") from None
-    if request.backend == "tensorrt":
+    if device is None and request.backend == "tensorrt":
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("--backend/--engine tensorrt needs an NVIDIA GPU; this machine has none")
-    return build(request, out or DEFAULT_OUT, force=force)
+    try:
+        return build(request, out or DEFAULT_OUT, force=force, device=device)
+    except EngineDeviceError as error:
+        raise UsageError(f"--engine {request.backend}: {error}") from None
 
 
 def _build(args) -> int:
@@ -288,13 +294,6 @@ def _generate(args) -> int:
     validate_generate_args(args)
     _print_parallel_explanation(args)
     device_kind = resolve_device_kind(args.device)
-    if args.engine != "torch":
-        from ..engines.runners import EngineDeviceError, check_backend_device
-
-        try:
-            check_backend_device(args.engine, device_kind)
-        except EngineDeviceError as error:
-            raise UsageError(f"--engine {args.engine}: {error}") from None
     if device_kind == "cuda" and args.ranks > torch.cuda.device_count():
         raise UsageError(f"--ranks {args.ranks} needs {args.ranks} GPUs; {torch.cuda.device_count()} present")
     request = GenerationRequest(
@@ -310,7 +309,8 @@ def _generate(args) -> int:
         args.engine = "torch"
     if args.engine != "torch":
         precision = {"float16": "fp16", "float32": "fp32"}.get(args.dtype)  # engines in the UNet's precision
-        engine_dir = str(_build_engines(_build_request(args, args.engine, precision), args.engine_dir))
+        engine_dir = str(_build_engines(_build_request(args, args.engine, precision), args.engine_dir,
+                                        device=device_kind))
     job = GenerationJob(model=str(args.model), runs=[(request, parallel)], dtype=args.dtype, engine=args.engine,
                         engine_dir=engine_dir, parallel_vae=args.parallel_vae)
     (output,) = run_on_ranks(args.ranks, run_generation_job, (job,), device_kind, args.threads)

@@ -44,6 +44,13 @@ class PatchContext:
         return self.mode is Mode.NAIVE_PATCH
 
     @property
+    def alone(self) -> bool:
+        """Nothing to borrow from other slabs: ``naive_patch`` (they ignore each other) or a single slab
+        (the whole map). Layers then compute as the unpatched layer would on this slab, and nothing is
+        published."""
+        return self.isolated or self.layout.num_patches == 1
+
+    @property
     def synchronous(self) -> bool:
         if self.isolated:
             return False
@@ -56,10 +63,10 @@ class PatchContext:
     def activations(self, key: str, fresh: torch.Tensor, shapes: list[tuple[int, ...]],
                     neighbours_only: bool = False) -> list[torch.Tensor]:
         """Every slab's published activations for this layer; this rank's slot is always ``fresh``
-        (isolated: only ``fresh``, nothing is published). ``neighbours_only``: the layer reads only the
+        (``alone``: only ``fresh``, nothing is published). ``neighbours_only``: the layer reads only the
         slabs just above and below (halo rows), so a transport that can route may send them only there
         (the other slots then hold zeros)."""
-        if self.isolated:
+        if self.alone:
             return [fresh]
         route = getattr(self.exchange, "route_to_neighbours", None)
         if neighbours_only and route is not None:
@@ -74,6 +81,8 @@ class PatchContext:
     def group_norm_moments(self, key: str, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance [B, G] for this slab's GroupNorm given its fresh moments [2, B, G]."""
         weights = self.layout.weights()
+        if self.alone:
+            return fresh[0], patch_math.variance(fresh)
         source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
         shapes = [tuple(fresh.shape)] * self.layout.num_patches
         fallback = None

@@ -81,10 +81,9 @@ class _Storage:
     def allocate(cls, layout: list[tuple[str, int, list[tuple[int, ...]]]], size: int, dtype, device, turns: int,
                  wire: bool) -> "_Storage":
         """``layout``: (key, elements of its largest per-rank slot, per-rank shapes) in bundle order."""
-        element_size = torch.empty((), dtype=dtype, device="meta").element_size()
         slots, offset = {}, 0
         for key, longest, shapes in layout:
-            length = aligned_length(longest, element_size)
+            length = aligned_length(longest, dtype.itemsize)
             slots[key] = (offset, length, shapes)
             offset += length
         send = torch.zeros(offset, dtype=dtype, device=device)  # the padding stays zero

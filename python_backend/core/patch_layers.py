@@ -25,7 +25,7 @@ class PatchConv2d(nn.Module):
         self.halo = patch_math.Halo.of(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.context.isolated or self.context.layout.num_patches == 1:
+        if self.context.alone:
             return self.conv(x)  # the layer's own zero padding at the slab's borders (one slab: the map's)
         if x.shape[2] < max(self.halo.top, self.halo.bottom):
             raise ValueError(f"{self.key}: a slab of {x.shape[2]} rows is thinner than the halo {self.halo}")
@@ -47,7 +47,7 @@ class SlicedInputConv(nn.Module):
 
     def forward(self, full: torch.Tensor) -> torch.Tensor:
         start, stop = self.context.layout.row_range(full.shape[2])
-        if self.context.isolated:
+        if self.context.alone:
             return self.conv(full[:, :, start:stop])
         return patch_math.conv_rows(self.conv, patch_math.slice_with_halo(full, start, stop, self.halo))
 
@@ -63,8 +63,6 @@ class PatchGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fresh = patch_math.group_moments(x, self.norm.num_groups)
-        if self.context.layout.num_patches == 1:  # one slab is the whole map: nothing to exchange
-            return patch_math.group_normalize(x, self.norm, fresh[0], patch_math.variance(fresh))
         mean, var = self.context.group_norm_moments(self.key, fresh)
         return patch_math.group_normalize(x, self.norm, mean, var)
 

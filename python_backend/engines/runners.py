@@ -177,8 +177,8 @@ CUDA_DEFAULT_STREAM_HANDLES = (0, 1, 2)  # the legacy default stream (0, cudaStr
 
 def bindable(tensor: torch.Tensor, spec: TensorSpec, device: torch.device, own_outputs=()) -> bool:
     """Whether the engine can read ``tensor`` where it lies: on its device, in its dtype, contiguous,
-    aligned, and outside the engine's ``own_outputs`` (the exchange of a one-rank group hands a published
-    buffer back as the next step's stale input, and an engine must not read what it writes); otherwise the
+    aligned, and outside the engine's ``own_outputs`` (an engine must not read what it writes: a transport
+    that hands a published buffer back as the next step's stale input would do that); otherwise the
     runner copies it into a staging buffer. A shape the engine was not built for is an error (a copy
     would broadcast it silently)."""
     if tuple(tensor.shape) != spec.shape:

@@ -7,9 +7,9 @@ its fresh buffers go out together in one async all-gather while the next segment
 Who holds a runner's outputs, and until when (a TensorRT runner returns the same output tensors from every
 run, so each must be used up before its runner runs again, and every runner here runs once a step):
 - a segment's fresh buffers: ``exchange.start`` queues them and ``flush()``, right after the segment,
-  copies them into the collective's send buffer (``BufferExchange``). In a group of one rank the exchange
-  keeps the tensor itself and hands it back as the same segment's stale input in the next step: the
-  TensorRT runner copies an input that lies in its own outputs before it overwrites them;
+  copies them into the collective's send buffer (``BufferExchange``). (A single slab publishes nothing,
+  ``PatchContext.alone``; should an input ever lie in a runner's own outputs, the TensorRT runner copies
+  it before it overwrites them);
 - its activations and skip connections: read by later segments of the same step;
 - the embedding's ``temb``: read by every segment of the same step;
 - the last segment's ``noise``: returned; the denoising loop builds the full output from it within the
