@@ -17,4 +17,5 @@ if ! .venv/bin/python -m python_backend.cli doctor --ranks "${GPU_TEST_RANKS:-2}
     echo "run_gpu_tests: TensorRT does not match (see above)" >&2
     exit 1
 fi
+# every test marked gpu: NCCL ranks, TensorRT engines (also replayed as CUDA graphs, --cuda-graphs), the served fp16 path
 exec .venv/bin/python -m pytest -q -rs -m gpu "$@"

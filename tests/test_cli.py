@@ -40,6 +40,9 @@ def _generate_args(model, *extra):
         (["--exchange-dtype", "int4"], "argument --exchange-dtype: invalid choice: 'int4'"),
         # refused before any engine is built: TensorRT engines cannot feed CPU ranks
         (["--engine", "tensorrt", "--device", "cpu"], "--engine tensorrt: TensorRT engines run on NVIDIA GPUs only"),
+        # CUDA graphs replay TensorRT segments only: the eager core and ONNX Runtime have none
+        (["--cuda-graphs"], "--cuda-graphs: CUDA graphs replay TensorRT segment engines; the 'torch' engine"),
+        (["--cuda-graphs", "--engine", "onnxruntime"], "--cuda-graphs: CUDA graphs replay TensorRT segment engines"),
     ],
 )
 def test_bad_values_name_the_flag(tiny_sdxl, capsys, extra, message):

@@ -58,6 +58,38 @@ def test_the_loader_refuses_before_loading_anything():
         load_parallel_decoder(MISSING_MODEL, ranks, "onnxruntime", "/nonexistent/build")
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_cuda_graphs_are_refused_without_tensorrt_engines(backend):
+    from python_backend.engines.loader import load_denoiser
+    from python_backend.engines.runners import check_cuda_graphs
+
+    with pytest.raises(EngineDeviceError, match="--engine tensorrt"):
+        check_cuda_graphs(backend)
+    check_cuda_graphs("tensorrt")
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 2, split_cfg=False)
+    with pytest.raises(EngineDeviceError, match="CUDA graphs replay TensorRT segment engines"):
+        load_denoiser(MISSING_MODEL, RankGroup.single("cpu"), parallel, "float32", backend, "/nonexistent/build",
+                      cuda_graphs=True)  # before the model is read
+    with pytest.raises(EngineDeviceError):
+        runners.make_runner(backend, "/nonexistent/engine.onnx", cuda_graph=True)
+
+
+@pytest.mark.parametrize("parameters, message", [
+    (dict(engine="onnxruntime", cuda_graphs=True), "'cuda_graphs' is true: CUDA graphs replay TensorRT segment engines"),
+    (dict(cuda_graphs=True), "'cuda_graphs' is true: CUDA graphs replay TensorRT segment engines; the 'torch'"),
+    (dict(engine="onnxruntime", device="cuda"), "'engine' is 'onnxruntime': ONNX Runtime engines run on the CPU"),
+    (dict(exchange_dtype="int3"), "'exchange_dtype'"),
+])
+def test_the_served_denoiser_refuses_parameters_that_do_not_fit(parameters, message):
+    """What the denoiser's ``initialize`` checks before any rank starts (the Triton model itself needs the
+    server's stub to import)."""
+    from python_backend.serving.settings import ServingSettings, check_denoiser_settings
+
+    settings = ServingSettings(**parameters)
+    with pytest.raises(ValueError, match="model config parameter " + message.replace("(", r"\(")):
+        check_denoiser_settings(settings, parameters.get("device", "cpu"))
+
+
 def test_the_build_refuses_before_doing_any_work(tmp_path):
     request = BuildRequest(MISSING_MODEL, 128, 128, 2, backend="onnxruntime")
     with pytest.raises(EngineDeviceError):

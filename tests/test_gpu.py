@@ -293,3 +293,126 @@ def test_tensorrt_decoder_pieces_match_the_eager_decoder(tiny_sdxl, tmp_path):
     reference = eager.decode(latents.cuda())
     assert image.device.type == "cuda" and image.shape == reference.shape
     assert relative_l2(image.float().cpu(), reference.float().cpu()) < 1e-3  # TF32 and TensorRT tactics
+
+
+# --- CUDA graphs (generate/build --cuda-graphs, served cuda_graphs: engines/cuda_graph.py) -------------------
+
+
+def _capture_beside_a_collective(rank, init_file):
+    """In a process of its own: a one-rank NCCL group (its watchdog thread polls NCCL's events) with an
+    all-gather enqueued just before each launch, so the capture happens with a collective in flight."""
+    import torch.distributed as dist
+
+    from python_backend.engines.cuda_graph import CapturedLaunch
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        device = torch.device("cuda", 0)
+        source, target = torch.empty(1 << 20, device=device), torch.empty(1 << 20, device=device)
+        payload, gathered = torch.ones(1 << 16, device=device), torch.empty(1 << 16, device=device)
+
+        def enqueue(stream):
+            with torch.cuda.stream(stream):
+                torch.mul(source, 2.0, out=target)
+                target.add_(1.0)
+
+        launch = CapturedLaunch(enqueue, device, "test work")
+        stream = torch.cuda.Stream()
+        for call in range(5):
+            with torch.cuda.stream(stream):
+                source.fill_(float(call))
+                work = dist.all_gather_into_tensor(gathered, payload, async_op=True)
+                before = torch.cuda.memory_stats()["allocation.all.allocated"]
+                launch.launch(stream)
+                allocated = torch.cuda.memory_stats()["allocation.all.allocated"] - before
+            stream.synchronize()
+            work.wait()
+            assert torch.equal(target, torch.full_like(target, 2.0 * call + 1)), f"call {call}"
+            assert (launch.graph is not None) == (call >= 1) and not launch.failed
+            if call >= 2:
+                assert allocated == 0, f"a replay allocated {allocated} times"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(GPUS < 1, reason=f"needs an NVIDIA GPU to capture CUDA graphs, this machine has {GPUS}")
+def test_a_captured_launch_replays_its_work_on_each_calls_values(tmp_path):
+    """The first call runs directly, the second is captured (thread-local mode, an NCCL collective in
+    flight) and replayed, later calls replay: each call computes from that call's input, and a replay
+    allocates nothing."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_capture_beside_a_collective, args=(str(tmp_path / "rendezvous"),), nprocs=1,
+                       start_method="spawn")
+
+
+@pytest.mark.skipif(GPUS < 1 or not _has_tensorrt(),
+                    reason=f"needs an NVIDIA GPU with tensorrt and polygraphy installed (GPUs here: {GPUS})")
+def test_tensorrt_runner_replays_a_cuda_graph_on_new_inputs(tmp_path):
+    """``cuda_graph=True``: TensorRT enqueues twice (the warm-up run and the capture), every later run is a
+    replay; inputs at new addresses and with new values each run (copied into the runner's own buffers)
+    give what ONNX Runtime computes for them; the runner refuses shared activation memory."""
+    from python_backend.engines.runners import OnnxRuntimeRunner, TensorRTRunner, build_tensorrt_engine
+
+    torch.manual_seed(0)
+    xs, scale = [torch.randn(2, 4, 16, 16) for _ in range(5)], torch.rand(8) + 0.5
+    onnx_path, plan = tmp_path / "tiny.onnx", tmp_path / "tiny.plan"
+    torch.onnx.export(_ScaledConvolution().eval(), (xs[0], scale), str(onnx_path), input_names=["x", "scale"],
+                      output_names=["y", "pooled"], opset_version=17, dynamo=False)
+    build_tensorrt_engine(onnx_path, plan, tmp_path / "timing.cache")
+    reference = OnnxRuntimeRunner(onnx_path)
+
+    runner = TensorRTRunner(plan, cuda_graph=True)
+    recorder = runner.context = _RecordingContext(runner.context)
+    stream, results = torch.cuda.Stream(), []
+    with torch.cuda.stream(stream):
+        for x in xs:
+            outputs = runner.run({"x": x.cuda(), "scale": scale.cuda()})
+            results.append(outputs["y"].clone())
+    stream.synchronize()
+    assert len(recorder.streams) == 2 and runner._graph.graph is not None and not runner._graph.failed
+    for x, y in zip(xs, results):
+        assert relative_l2(y.cpu(), reference.run({"x": x, "scale": scale})["y"]) < 1e-2
+    with pytest.raises(ValueError, match="CUDA graph needs a runner with its own activation memory"):
+        TensorRTRunner(plan, shared_memory=True, reuse_outputs=False, cuda_graph=True)
+
+
+@pytest.mark.skipif(GPUS < 1 or not _has_tensorrt(),
+                    reason=f"needs an NVIDIA GPU with tensorrt and polygraphy installed (GPUs here: {GPUS})")
+def test_tensorrt_engines_replayed_as_cuda_graphs_read_stale_buffers_as_direct_enqueues_do(tiny_sdxl, tmp_path):
+    """N = 2 on one GPU over the loopback exchange: every step's stale inputs lie at new addresses, which
+    the graphs must copy in; the replayed segments give the direct enqueues' predictions step by step."""
+    from engine_loopback import run_ranks, step_inputs
+    from python_backend.engines.build import BuildRequest, build
+    from python_backend.engines.segmented_unet import SegmentedUNet
+
+    folder = build(BuildRequest(str(tiny_sdxl), 128, 128, 2, backend="tensorrt", precision="fp16", split_cfg=False),
+                   tmp_path, progress=False)
+    inputs = step_inputs(tiny_sdxl, 128, 128, steps=4)
+    direct = run_ranks([SegmentedUNet(folder / f"patch{r}", "tensorrt") for r in range(2)], inputs,
+                       torch.device("cuda"), torch.float16)
+    graphed_unets = [SegmentedUNet(folder / f"patch{r}", "tensorrt", cuda_graphs=True) for r in range(2)]
+    graphed = run_ranks(graphed_unets, inputs, torch.device("cuda"), torch.float16)
+    runners = [runner for unet in graphed_unets for runner in [unet.embed] + [r for _, r in unet.segments]]
+    assert all(runner._graph.graph is not None for runner in runners)
+    errors = [relative_l2(a, b) for step_a, step_b in zip(graphed, direct) for a, b in zip(step_a, step_b)]
+    print(f"\nCUDA graphs vs direct enqueues at N = 2, rel. L2 per step and rank: {errors}")
+    assert max(errors) < 1e-3  # the same kernels; only TensorRT's nondeterministic tactics may differ
+
+
+@pytest.mark.skipif(GPUS < 2 or not _has_tensorrt(),
+                    reason=f"needs 2 NVIDIA GPUs with tensorrt and polygraphy installed (GPUs here: {GPUS})")
+def test_cuda_graphs_at_two_nccl_ranks_give_the_direct_engines_latents(tiny_sdxl, tmp_path):
+    """The served/generate path with ``cuda_graphs``: NCCL's collectives between replayed segments."""
+    from python_backend.engines.build import BuildRequest, build
+
+    request = GenerationRequest("a photo of an astronaut", height=256, width=256, steps=6, seed=1)
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 2, split_cfg=False)
+    trt = build(BuildRequest(str(tiny_sdxl), 256, 256, 2, backend="tensorrt", precision="fp16", split_cfg=False),
+                tmp_path, progress=False)
+    outputs = [run_on_ranks(2, run_generation_job, (GenerationJob(
+        str(tiny_sdxl), [(request, parallel)], decode=False, progress=False, dtype="float16", engine="tensorrt",
+        engine_dir=str(trt), cuda_graphs=graphs),), device_kind="cuda")[0] for graphs in (False, True)]
+    assert np.isfinite(outputs[1].latents).all()
+    assert relative_l2(outputs[1].latents, outputs[0].latents) < 1e-3

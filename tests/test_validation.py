@@ -101,7 +101,7 @@ CHANGED = ServingSettings(
     model_dir="/models/my sdxl", ranks=4, mode="stale_gn", warmup_steps=0, split_cfg=False, parallel_vae=False,
     exchange_dtype="int8+residual",
     engine="onnxruntime",
-    engine_dir="/engines/abc", device="cpu", dtype="bfloat16", sizes="1024x1024,768x1344", default_steps=30, default_guidance=7.25,
+    engine_dir="/engines/abc", cuda_graphs=True, device="cpu", dtype="bfloat16", sizes="1024x1024,768x1344", default_steps=30, default_guidance=7.25,
     default_scheduler="dpmpp-2m", default_seed=123456789012, default_height=768, default_width=1344, max_steps=150,
     min_guidance=0.5, max_guidance=20.0, max_prompt_chars=500, request_timeout_s=12.5, rank_timeout_s=0.25,
     max_queue_size=4, queue_timeout_s=2.5, max_request_bytes=123456, max_request_id_chars=16,

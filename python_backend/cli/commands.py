@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-split-cfg", action="store_true", help="every rank runs both guidance halves")
     add_parallel_arguments(gen)
     _add_exchange_dtype(gen)
+    _add_cuda_graphs(gen)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--device", choices=DEVICE_KINDS, default="auto")
     gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                           "split_cfg = false)")
     add_parallel_arguments(bld)
     _add_exchange_dtype(bld)
+    _add_cuda_graphs(bld)
     bld.add_argument("--parallel-vae", action=argparse.BooleanOptionalAction, default=True,
                      help="with --ranks > 1 the served rank group decodes the image, every rank its latent slab "
                           "(default); --no-parallel-vae: the vae_decoder model decodes it on one device")
@@ -167,6 +169,12 @@ def _add_exchange_dtype(parser) -> None:
                              "change since the last exchange, quantized with error feedback (docs/compressed_exchange.md)")
 
 
+def _add_cuda_graphs(parser) -> None:
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="TensorRT engines only: each segment is captured once and replayed as a CUDA graph "
+                             "(one launch instead of its kernels'; the exchange stays between segments)")
+
+
 def _build_request(args, backend: str, precision: str | None):
     from ..engines.build import BuildRequest
 
@@ -221,7 +229,7 @@ def _build(args) -> int:
             sizes=f"{args.height}x{args.width}", default_steps=args.steps, default_guidance=args.guidance,
             default_scheduler=args.scheduler, default_height=args.height, default_width=args.width,
             max_steps=args.max_steps, dtype=args.dtype, parallel_vae=args.parallel_vae,
-            exchange_dtype=args.exchange_dtype,
+            exchange_dtype=args.exchange_dtype, cuda_graphs=args.cuda_graphs,
         )
         print(f"model repository ready at {fill_repository(args.repository, settings)}")
     return 0
@@ -265,6 +273,13 @@ def validate_generate_args(args):
         raise UsageError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    if getattr(args, "cuda_graphs", False):
+        from ..engines.runners import EngineDeviceError, check_cuda_graphs
+
+        try:
+            check_cuda_graphs(args.engine if hasattr(args, "engine") else args.backend)
+        except EngineDeviceError as error:
+            raise UsageError(f"--cuda-graphs: {error}") from None
     try:
         args.parallel_explanation = resolve_parallel(args, info)
     except ValueError as error:
@@ -312,7 +327,8 @@ def _generate(args) -> int:
         engine_dir = str(_build_engines(_build_request(args, args.engine, precision), args.engine_dir,
                                         device=device_kind))
     job = GenerationJob(model=str(args.model), runs=[(request, parallel)], dtype=args.dtype, engine=args.engine,
-                        engine_dir=engine_dir, parallel_vae=args.parallel_vae)
+                        engine_dir=engine_dir, parallel_vae=args.parallel_vae,
+                        cuda_graphs=args.cuda_graphs and args.engine != "torch")
     (output,) = run_on_ranks(args.ranks, run_generation_job, (job,), device_kind, args.threads)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ class GenerationJob:
     engine: str = "torch"  # or "onnxruntime" / "tensorrt": segment engines for the asynchronous steps
     engine_dir: str | None = None  # the build folder (distrifusion build)
     parallel_vae: bool = True  # with more than one rank, every rank decodes its latent slab (core/patch_vae.py)
+    cuda_graphs: bool = False  # TensorRT segment engines replay as CUDA graphs (engines/cuda_graph.py)
 
 
 @dataclass
@@ -39,7 +40,8 @@ class RunOutput:
 
 
 def run_generation_job(ranks: RankGroup, job: GenerationJob) -> list[RunOutput]:
-    denoiser = load_denoiser(job.model, ranks, job.runs[0][1], job.dtype, job.engine, job.engine_dir)
+    denoiser = load_denoiser(job.model, ranks, job.runs[0][1], job.dtype, job.engine, job.engine_dir,
+                             cuda_graphs=job.cuda_graphs)
     if job.decode:
         denoiser.pipe.vae = decoding_vae(denoiser.pipe.vae)
     decoder = None

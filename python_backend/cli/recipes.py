@@ -18,6 +18,7 @@ errors that name the key. Relative paths are taken from the current working dire
                                         # keeps warmup_steps when given, chooses it otherwise
     interconnect = "nvlink"             # with parallel = "auto": nvlink | pcie | a bandwidth in GB/s
     exchange_dtype = "native"           # optional: how stale buffers travel (see --exchange-dtype)
+    cuda_graphs = false                 # optional, tensorrt only: segments replay as CUDA graphs (served)
     parallel_vae = true                 # with ranks > 1 the rank group decodes the image (each rank its slab)
     cut = "down0+down1,down2,mid,up0,up1+up2"   # optional segment cut
     repository = "artifacts/repository"         # optional: fill a Triton model repository
@@ -45,7 +46,7 @@ KEYS = {
     "backend": ("backend", str), "precision": ("precision", str), "dtype": ("dtype", str), "mode": ("mode", str),
     "warmup_steps": ("warmup_steps", int), "split_cfg": ("no_split_cfg", bool), "num_images": ("num_images", int),
     "parallel_vae": ("parallel_vae", bool), "parallel": ("parallel", str), "interconnect": ("interconnect", str),
-    "exchange_dtype": ("exchange_dtype", str),
+    "exchange_dtype": ("exchange_dtype", str), "cuda_graphs": ("cuda_graphs", bool),
     "cut": ("cut", str), "out": ("out", Path), "repository": ("repository", Path),
     "served.steps": ("steps", int), "served.guidance": ("guidance", float), "served.scheduler": ("scheduler", str),
     "served.max_steps": ("max_steps", int),

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import shapes
 
@@ -81,6 +82,7 @@ class TrainingConfig:
     text_encoder_lr: float = 5e-4  # the text encoders train with the UNet from seeded random weights; 0: frozen
     unet_warmup_steps: int = 200
     snr_gamma: float = 5.0  # v-loss weight min(1, (1 + gamma) / (1 + SNR)): detail-only timesteps count less
+    unet_object_weight: float = 0.0  # > 0: a latent pixel's error counts 1 + this much times the object's coverage
     cfg_dropout: float = 0.1
     threads: int = 2
     log_every: int = 50
@@ -107,14 +109,29 @@ def held_out_specs(count: int = HELD_OUT_COUNT, seed: int = HELD_OUT_SEED) -> li
 
 
 def _training_scenes(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
+    return [(image, caption) for image, caption, _ in _training_scenes_with_coverage(n, seed)]
+
+
+def _training_scenes_with_coverage(n: int, seed: int) -> list[tuple[np.ndarray, str, np.ndarray]]:
+    """(image, caption, object coverage [256, 256]) of ``n`` scenes, held-out captions excluded."""
     excluded = set(held_out_specs())
     rng, scenes = np.random.default_rng(seed), []
     while len(scenes) < n:
         spec = shapes.random_scene(rng)
         if spec in excluded:
             continue
-        scenes.append((shapes.render(spec, 256, rng), spec.caption()))
+        image, coverage = shapes.render_with_coverage(spec, 256, rng)
+        scenes.append((image, spec.caption(), coverage))
     return scenes
+
+
+def latent_loss_weights(coverages: list[np.ndarray], factor: int, object_weight: float) -> torch.Tensor:
+    """Per latent pixel [n, 1, h, w]: 1 + ``object_weight`` x the object's coverage of that pixel's
+    ``factor`` x ``factor`` image pixels, divided by each image's mean so that a step's loss keeps its scale.
+    The object is 2-7 % of an image: unweighted, the background's error drowns where and what the object is."""
+    coverage = torch.from_numpy(np.stack(coverages)).float()[:, None]
+    weights = 1 + object_weight * F.avg_pool2d(coverage, factor)
+    return weights / weights.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -239,7 +256,8 @@ def _check_encoding_matches_pipeline(pipe, captions: list[str]) -> None:
 
 
 def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: TrainingConfig, record: TrainingLog,
-               checkpoint: pathlib.Path | None = None) -> None:
+               checkpoint: pathlib.Path | None = None, pixel_weights: torch.Tensor | None = None) -> None:
+    """``pixel_weights``: [n, 1, h, w] per latent pixel of each training latent (``latent_loss_weights``)."""
     from diffusers import DDPMScheduler
 
     unet = pipe.unet
@@ -284,7 +302,10 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: Trainin
                           added_cond_kwargs={"text_embeds": pooled * keep[:, None],
                                              "time_ids": time_ids.expand(config.unet_batch, -1)}).sample
         target = noise_schedule.get_velocity(clean, noise, timesteps)
-        loss = (loss_weights[timesteps] * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        error = (prediction - target).pow(2)
+        if pixel_weights is not None:
+            error = error * pixel_weights[index]
+        loss = (loss_weights[timesteps] * error.mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -367,14 +388,18 @@ def train_tiny_model(out_dir, config: TrainingConfig = TrainingConfig(),
     unet = UNet2DConditionModel(**{**_sdxl_unet_config(), **TRAINED_UNET})
     pipe.register_modules(unet=unet, vae=vae, scheduler=sampling_scheduler())
     log.info("rendering %d training images (held-out captions excluded)", config.images)
-    scenes = _training_scenes(config.images, config.seed + 3)
-    means = encode_scenes(pipe.vae, scenes)
+    scenes = _training_scenes_with_coverage(config.images, config.seed + 3)
+    means = encode_scenes(pipe.vae, [(image, caption) for image, caption, _ in scenes])
+    pixel_weights = None
+    if config.unet_object_weight > 0:
+        pixel_weights = latent_loss_weights([coverage for _, _, coverage in scenes],
+                                            config.size // means.shape[-1], config.unet_object_weight)
     record.scaling_factor = float(1.0 / means.std())
     pipe.vae.register_to_config(scaling_factor=record.scaling_factor)
     log.info("latent std %.4f: scaling factor %.5f", float(means.std()), record.scaling_factor)
     log.info("training the UNet: %d steps of %d", config.unet_steps, config.unet_batch)
-    train_unet(pipe, means * record.scaling_factor, [caption for _, caption in scenes], config, record,
-               out / "checkpoint")
+    train_unet(pipe, means * record.scaling_factor, [caption for _, caption, _ in scenes], config, record,
+               out / "checkpoint", pixel_weights)
     record.seconds["total"] = time.perf_counter() - started
     pipe.save_pretrained(out, safe_serialization=True)
     for weights in out.rglob("*.safetensors"):

@@ -12,8 +12,8 @@ from ..core.ranks import PatchPlan
 class EngineSet:
     """Loads each slab index's ``SegmentedUNet`` on first use and checks it fits the generation."""
 
-    def __init__(self, folder, backend: str):
-        self.folder, self.backend = Path(folder), backend
+    def __init__(self, folder, backend: str, cuda_graphs: bool = False):
+        self.folder, self.backend, self.cuda_graphs = Path(folder), backend, cuda_graphs
         if not (self.folder / "build.json").is_file():
             raise FileNotFoundError(f"no complete {backend} build at {self.folder}; run `distrifusion build` first")
         self.loaded = {}
@@ -22,7 +22,7 @@ class EngineSet:
         from .segmented_unet import SegmentedUNet
 
         if plan.index not in self.loaded:
-            self.loaded[plan.index] = SegmentedUNet(self.folder / f"patch{plan.index}", self.backend)
+            self.loaded[plan.index] = SegmentedUNet(self.folder / f"patch{plan.index}", self.backend, self.cuda_graphs)
         engine = self.loaded[plan.index]
         built = engine.manifest
         batch = request.num_images * (2 if request.guided and plan.branch is None else 1)

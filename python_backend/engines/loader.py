@@ -15,7 +15,7 @@ from ..core.patch_vae import ParallelVaeDecoder
 from ..core.parallel import ParallelConfig
 from ..core.ranks import RankGroup
 from .engine_set import EngineSet
-from .runners import check_backend_device
+from .runners import check_backend_device, check_cuda_graphs
 
 log = logging.getLogger("distrifusion.loader")
 
@@ -24,14 +24,16 @@ ENGINE_BACKENDS = ("torch", "onnxruntime", "tensorrt")  # torch: the eager core 
 
 def load_denoiser(model: str, ranks: RankGroup, parallel: ParallelConfig, dtype: str = "auto",
                   engine: str = "torch", engine_dir: str | None = None,
-                  unet_only: bool = False) -> PatchParallelDenoiser:
+                  unet_only: bool = False, cuda_graphs: bool = False) -> PatchParallelDenoiser:
     """``unet_only``: every generation brings its conditioning (the served ranks), so no text encoder or
-    VAE is loaded."""
+    VAE is loaded. ``cuda_graphs``: the segment engines replay as CUDA graphs (TensorRT only)."""
     if engine not in ENGINE_BACKENDS:
         raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINE_BACKENDS)}")
     check_backend_device(engine, ranks.device)  # before anything is loaded
+    if cuda_graphs:
+        check_cuda_graphs(engine)
     pipe = load_pipeline(model, ranks.device, torch_dtype(dtype, ranks.device), unet_only=unet_only)
-    engines = None if engine == "torch" else EngineSet(engine_dir, engine)
+    engines = None if engine == "torch" else EngineSet(engine_dir, engine, cuda_graphs)
     return PatchParallelDenoiser(pipe, ranks, parallel, engines)
 
 

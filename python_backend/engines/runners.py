@@ -42,6 +42,15 @@ def check_backend_device(backend: str, device: str | torch.device) -> None:
             "ranks on GPUs (--device cuda)")
 
 
+def check_cuda_graphs(backend: str) -> None:
+    """Raises :class:`EngineDeviceError` unless ``backend``'s engines can be replayed as CUDA graphs
+    (TensorRT only: the eager core interleaves the exchange with every layer, ONNX Runtime runs on the CPU)."""
+    if backend != "tensorrt":
+        raise EngineDeviceError(
+            f"CUDA graphs replay TensorRT segment engines; the {backend!r} engine has none to capture. Use "
+            "--engine tensorrt (served: the `engine` parameter) with --cuda-graphs, or leave CUDA graphs off")
+
+
 class OnnxRuntimeRunner:
     """``arena=False``: the session frees its intermediates after every run instead of keeping its peak in
     an arena of its own (for graphs that run once per request, such as the decoder's many pieces, whose
@@ -87,9 +96,14 @@ class TensorRTRunner:
     enqueue on the same stream, so they never overlap on the block.
     ``reuse_outputs=False``: fresh output tensors every run, for graphs that run once per request and
     whose outputs the caller frees as it goes (the decoder's pieces), instead of every piece holding its
-    outputs for good."""
+    outputs for good.
+    ``cuda_graph``: from the second run on, the enqueue is captured once and replayed as a CUDA graph
+    (``cuda_graph.CapturedLaunch``); every input is then copied into the runner's own buffer first, so
+    the graph always reads the addresses it was captured with (a device copy per input and run, instead
+    of binding by address)."""
 
-    def __init__(self, engine_path: str | Path, shared_memory: bool = False, reuse_outputs: bool = True):
+    def __init__(self, engine_path: str | Path, shared_memory: bool = False, reuse_outputs: bool = True,
+                 cuda_graph: bool = False):
         import tensorrt as trt
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes
@@ -113,6 +127,14 @@ class TensorRTRunner:
         self._staging: dict[str, torch.Tensor] = {}
         self._inputs_ready, self._outputs_ready = torch.cuda.Event(), torch.cuda.Event()
         self._kept_outputs = self._allocate_outputs() if reuse_outputs else None
+        self._graph = None
+        if cuda_graph:
+            if shared_memory or not reuse_outputs:
+                raise ValueError("a CUDA graph needs a runner with its own activation memory and outputs kept "
+                                 "from run to run (shared_memory=False, reuse_outputs=True)")
+            from .cuda_graph import CapturedLaunch
+
+            self._graph = CapturedLaunch(self._execute, self.device, f"engine {Path(engine_path).name}")
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         current = torch.cuda.current_stream(self.device)
@@ -128,7 +150,7 @@ class TensorRTRunner:
         self.device_memory = block
 
     def _input_address(self, spec: "TensorSpec", tensor: torch.Tensor) -> int:
-        if bindable(tensor, spec, self.device, (self._kept_outputs or {}).values()):
+        if self._graph is None and bindable(tensor, spec, self.device, (self._kept_outputs or {}).values()):
             return tensor.data_ptr()
         staging = self._staging.get(spec.name)
         if staging is None:
@@ -154,11 +176,17 @@ class TensorRTRunner:
         if ordered:
             self._inputs_ready.record(current)
             stream.wait_event(self._inputs_ready)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log above)")
+        if self._graph is not None:
+            self._graph.launch(stream)
+        else:
+            self._execute(stream)
         if ordered:
             self._outputs_ready.record(stream)
             current.wait_event(self._outputs_ready)
+
+    def _execute(self, stream: "torch.cuda.Stream") -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log above)")
 
 
 @dataclass(frozen=True)
@@ -259,11 +287,15 @@ def share_device_memory(runners) -> torch.Tensor | None:
     return block
 
 
-def make_runner(backend: str, path: Path, once_per_request: bool = False):
+def make_runner(backend: str, path: Path, once_per_request: bool = False, cuda_graph: bool = False):
     """``once_per_request``: a graph among many that run one after another once per request (the VAE
-    decoder's pieces): no ONNX Runtime arena, TensorRT memory shared through :func:`share_device_memory`."""
+    decoder's pieces): no ONNX Runtime arena, TensorRT memory shared through :func:`share_device_memory`.
+    ``cuda_graph``: TensorRT only (see :func:`check_cuda_graphs`), replayed as a CUDA graph."""
+    if cuda_graph:
+        check_cuda_graphs(backend)
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(path, arena=not once_per_request)
     if backend == "tensorrt":
-        return TensorRTRunner(path, shared_memory=once_per_request, reuse_outputs=not once_per_request)
+        return TensorRTRunner(path, shared_memory=once_per_request, reuse_outputs=not once_per_request,
+                              cuda_graph=cuda_graph)
     raise ValueError(f"unknown engine backend {backend!r}; allowed: onnxruntime, tensorrt")

@@ -30,13 +30,17 @@ log = logging.getLogger("distrifusion.engine_unet")
 
 
 class SegmentedUNet:
-    def __init__(self, rank_dir: Path, backend: str):
+    """``cuda_graphs``: every runner replays its engine as a CUDA graph (TensorRT; ``engines/cuda_graph.py``);
+    the exchange between segments runs as without graphs."""
+
+    def __init__(self, rank_dir: Path, backend: str, cuda_graphs: bool = False):
         self.manifest = json.loads((rank_dir / "manifest.json").read_text())
         self.backend = backend
         suffix = ".onnx" if backend == "onnxruntime" else ".plan"
-        self.embed = make_runner(backend, rank_dir / _with_suffix(self.manifest["embed"]["file"], suffix))
+        self.embed = make_runner(backend, rank_dir / _with_suffix(self.manifest["embed"]["file"], suffix),
+                                 cuda_graph=cuda_graphs)
         self.segments = [
-            (spec, make_runner(backend, rank_dir / _with_suffix(spec["file"], suffix)))
+            (spec, make_runner(backend, rank_dir / _with_suffix(spec["file"], suffix), cuda_graph=cuda_graphs))
             for spec in self.manifest["segments"]
         ]
         self.shapes = {k: [tuple(s) for s in v] for k, v in self.manifest["buffers"].items()}

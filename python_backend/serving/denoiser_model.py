@@ -20,14 +20,13 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..core.denoise import GenerationCancelled, GenerationRefused
-from ..core.devices import resolve_device_kind, torch_dtype
-from ..core.exchange_codec import CodecSpec
+from ..core.devices import resolve_device_kind
 from ..core.model import Conditioning, ModelInfo
 from ..core.modes import Mode
 from ..core.parallel import ParallelConfig
 from .rank_service import RankService, RankServiceConfig, warmup_requests
 from . import signals, triton_io, validation
-from .settings import ServingSettings
+from .settings import ServingSettings, check_denoiser_settings
 
 WATCH_INTERVAL_S = 1.0
 """How often the idle rank group is checked for a dead worker (replaced at once, not by the next request)."""
@@ -38,27 +37,13 @@ class TritonPythonModel:
     def initialize(self, args):
         self.settings = s = ServingSettings.from_model_config(args["model_config"])
         device_kind = resolve_device_kind(s.device)
-        try:
-            torch_dtype(s.dtype, torch.device(device_kind))
-        except ValueError as error:
-            raise ValueError(f"model config parameter 'dtype': {error}") from None
-        if s.engine != "torch":
-            from ..engines.runners import EngineDeviceError, check_backend_device
-
-            try:
-                check_backend_device(s.engine, device_kind)
-            except EngineDeviceError as error:
-                raise ValueError(f"model config parameter 'engine' is {s.engine!r}: {error}") from None
-        try:
-            CodecSpec.parse(s.exchange_dtype)
-        except ValueError as error:
-            raise ValueError(f"model config parameter 'exchange_dtype': {error}") from None
+        check_denoiser_settings(s, device_kind)
         if device_kind == "cuda" and torch.cuda.device_count() < s.ranks:
             raise RuntimeError(f"denoiser is configured for {s.ranks} ranks but {torch.cuda.device_count()} GPUs are visible")
         config = RankServiceConfig(
             model=s.model_dir, world_size=s.ranks,
             parallel=ParallelConfig(Mode(s.mode), s.warmup_steps, s.split_cfg, s.exchange_dtype),
-            device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None,
+            device_kind=device_kind, engine=s.engine, engine_dir=s.engine_dir or None, cuda_graphs=s.cuda_graphs,
             python=os.environ.get("DISTRIFUSION_PYTHON") or _python_beside(sys.executable),
             rank_timeout_s=s.rank_timeout_s, dtype=s.dtype,
             decode=s.decodes_on_ranks, decode_timeout_s=s.request_timeout_s,

@@ -51,6 +51,7 @@ class RankServiceConfig:
     device_kind: str = "cpu"
     engine: str = "torch"
     engine_dir: str | None = None
+    cuda_graphs: bool = False  # TensorRT segment engines replay as CUDA graphs
     dtype: str = "auto"
     threads: int | None = None  # CPU threads per rank (default: cores / ranks)
     python: str | None = None  # interpreter for worker processes (default: this one)
@@ -118,7 +119,7 @@ def _load(config: RankServiceConfig, ranks: RankGroup) -> PatchParallelDenoiser:
     if config.device_kind == "cpu":
         set_cpu_threads(config.world_size, config.threads)
     return load_denoiser(config.model, ranks, config.parallel, config.dtype, config.engine, config.engine_dir,
-                         unet_only=not config.text_encoders)
+                         unet_only=not config.text_encoders, cuda_graphs=config.cuda_graphs)
 
 
 def _load_decoder(config: RankServiceConfig, ranks: RankGroup):

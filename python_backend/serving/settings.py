@@ -28,6 +28,7 @@ class ServingSettings:
     parallel_vae: bool = True
     engine: str = "torch"
     engine_dir: str = ""
+    cuda_graphs: bool = False  # engine tensorrt only: each segment engine replays as a CUDA graph
     device: str = "auto"
     dtype: str = "auto"  # the UNet's dtype on every rank: auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16
     sizes: str = f"{defaults.DEFAULT_HEIGHT}x{defaults.DEFAULT_WIDTH}"  # the built sizes, "HxW,HxW"
@@ -108,6 +109,35 @@ class ServingSettings:
     @property
     def schedulers(self) -> tuple[str, ...]:
         return SCHEDULERS
+
+
+def check_denoiser_settings(s: ServingSettings, device_kind: str) -> None:
+    """The denoiser's parameters that only make sense together or on some devices, checked before any
+    rank starts: a ValueError naming the parameter."""
+    import torch
+
+    from ..core.devices import torch_dtype
+    from ..core.exchange_codec import CodecSpec
+    from ..engines.runners import EngineDeviceError, check_backend_device, check_cuda_graphs
+
+    try:
+        torch_dtype(s.dtype, torch.device(device_kind))
+    except ValueError as error:
+        raise ValueError(f"model config parameter 'dtype': {error}") from None
+    if s.engine != "torch":
+        try:
+            check_backend_device(s.engine, device_kind)
+        except EngineDeviceError as error:
+            raise ValueError(f"model config parameter 'engine' is {s.engine!r}: {error}") from None
+    if s.cuda_graphs:
+        try:
+            check_cuda_graphs(s.engine)
+        except EngineDeviceError as error:
+            raise ValueError(f"model config parameter 'cuda_graphs' is true: {error}") from None
+    try:
+        CodecSpec.parse(s.exchange_dtype)
+    except ValueError as error:
+        raise ValueError(f"model config parameter 'exchange_dtype': {error}") from None
 
 
 def cpu_threads(settings: ServingSettings) -> None:
