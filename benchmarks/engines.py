@@ -1,6 +1,7 @@
 """Engine figures: ONNX Runtime against eager torch, exposed communication, build and cache-hit time.
 
-    python benchmarks/engines.py [--model DIR] [--height 512 --width 512] [--steps 12] [--out docs/engines.md]
+    python benchmarks/engines.py [--model DIR] [--height 512 --width 512] [--steps 12] [--exchange-dtype native]
+                                 [--out docs/engines.md]
 
 All on this machine's CPU with real rank processes (gloo), N = 2, no CFG split, corrected_async_gn,
 4 warm-up steps; step times are rank 0's UNet time per asynchronous step (median).
@@ -41,11 +42,11 @@ class SkippedExchange(BufferExchange):
         """Sends nothing: ``latest`` keeps returning the warm-up's buffers."""
 
 
-def _job(ranks, model, request, engine_dir, variants):
+def _job(ranks, model, request, engine_dir, variants, exchange_dtype):
     import torch
 
     pipe = load_pipeline(model, ranks.device, torch.float32)
-    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, WARMUP, split_cfg=False)
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, WARMUP, split_cfg=False, exchange_dtype=exchange_dtype)
     timings = {}
     for engine, skipped in variants:
         engines = None if engine == "torch" else EngineSet(engine_dir, engine)
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--exchange-dtype", default="native",
+                        help="how the asynchronous steps' buffers travel (generate's --exchange-dtype)")
     parser.add_argument("--out", type=Path, default=Path("docs/engines.md"))
     args = parser.parse_args()
 
@@ -84,7 +87,7 @@ def main() -> None:
     request = GenerationRequest("a photo of an astronaut riding a horse", height=args.height, width=args.width,
                                 steps=args.steps, guidance=5.0, seed=0)
     variants = [("torch", False), ("torch", True), ("onnxruntime", False), ("onnxruntime", True)]
-    timings = run_on_ranks(2, _job, (str(model), request, str(folder), variants))
+    timings = run_on_ranks(2, _job, (str(model), request, str(folder), variants, args.exchange_dtype))
     for (engine, skipped), seconds in timings.items():
         print(f"{engine:12s} exchange {'skipped' if skipped else 'on':8s}: {seconds * 1000:.1f} ms/step", flush=True)
 
@@ -94,13 +97,14 @@ def main() -> None:
         "",
         f"Embedded default model (tiny SDXL architecture), {args.height}x{args.width}, N = 2 rank processes "
         f"(gloo, one thread each, on this 2-core CPU), no CFG split (batch 2 per rank), `corrected_async_gn`, "
-        f"{WARMUP} warm-up steps, {args.steps} steps. Step time: rank 0's UNet time per asynchronous step, "
+        f"{WARMUP} warm-up steps, {args.steps} steps, exchange `{args.exchange_dtype}`. Step time: rank 0's UNet time per asynchronous step, "
         "median, second of two identical generations.",
         "",
         "Produced by:",
         "",
         "```",
-        f"python benchmarks/engines.py --height {args.height} --width {args.width} --steps {args.steps}",
+        f"python benchmarks/engines.py --height {args.height} --width {args.width} --steps {args.steps}"
+        + (f" --exchange-dtype {args.exchange_dtype}" if args.exchange_dtype != "native" else ""),
         "```",
         "",
         "| what runs the asynchronous steps | exchange | ms / step |",
