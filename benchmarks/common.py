@@ -25,3 +25,12 @@ def model_or_tiny(model: Path | None) -> Path:
     from python_backend.embedded.tiny_model import write_tiny_sdxl
 
     return write_tiny_sdxl(Path(tempfile.mkdtemp()) / "tiny-sdxl", seed=0)
+
+
+HAND_WRITTEN = "<!-- written by hand below this line; the benchmark keeps it -->"
+
+
+def write_report_keeping_notes(path: Path, lines: list[str]) -> None:
+    """Write a benchmark's generated ``lines`` to ``path``, keeping what a person wrote below :data:`HAND_WRITTEN`."""
+    kept = path.read_text().partition(HAND_WRITTEN)[2] if path.exists() else ""
+    path.write_text("\n".join(lines) + "\n" + HAND_WRITTEN + (kept or "\n"))

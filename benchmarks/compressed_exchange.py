@@ -10,7 +10,7 @@ uncompressed exchange. Writes docs/compressed_exchange.md.
    from the N - 1 other ranks (conv halos: from its two neighbours), plus the UNet output all-gather
    (always exact). Warm-up steps are exact.
 2. Quality: the trained embedded model (float32 on CPU, real gloo ranks), held-out captions, Euler,
-   guidance 5, ``corrected_async_gn`` with 4 warm-up steps, against N = 1: PSNR of the decoded images
+   guidance 3 (``--guidance``), ``corrected_async_gn`` with 4 warm-up steps, against N = 1: PSNR of the decoded images
    and relative L2 of the final latents, for every spec at every N in one rank group. The embedded
    model's buffers are small, so the codec's size floor (``MIN_COMPRESSED_BYTES``) is set to 0 there:
    every K/V and halo buffer is compressed, as every one of them is at SDXL 1024^2.
@@ -29,7 +29,7 @@ import torch
 
 import comm_volume
 import quality
-from common import model_or_trained  # also puts the repository root on sys.path
+from common import model_or_trained, write_report_keeping_notes  # also puts the repository root on sys.path
 from python_backend.core import exchange_codec
 from python_backend.core.context import PatchContext
 from python_backend.core.denoise import GenerationRequest
@@ -39,11 +39,11 @@ from python_backend.core.modes import Mode
 from python_backend.core.parallel import ParallelConfig
 from python_backend.core.patch_layers import patch_unet
 from python_backend.core.ranks import run_on_ranks
+from python_backend.embedded.training import SAMPLING_GUIDANCE
 
 MIB = 1 << 20
 BEFORE = "native, halos all-gathered"  # the exchange before this work: the baseline of "fewer bytes"
 TARGET_RATIO, TARGET_PSNR_DROP = 4.0, 0.5
-HAND_WRITTEN = "<!-- written by hand below this line; the benchmark keeps it -->"
 
 
 def received_bytes(measurement, spec: CodecSpec, halos_to_neighbours: bool = True) -> int:
@@ -125,7 +125,7 @@ def write_report(path: Path, args, bytes_rows, psnr_rows) -> None:
         "",
         "```",
         f"cd benchmarks && python compressed_exchange.py --ranks {' '.join(map(str, args.ranks))} "
-        f"--captions {args.captions} --size {args.size} --steps {args.steps}",
+        f"--captions {args.captions} --size {args.size} --steps {args.steps} --guidance {args.guidance:g}",
         "```",
         "",
         "Bytes: SDXL UNet at 1024x1024, batch 2 per rank (no CFG split), fp16 activations, received per rank "
@@ -133,7 +133,7 @@ def write_report(path: Path, args, bytes_rows, psnr_rows) -> None:
         f"exchange before this work ({BEFORE}: every rank received every rank's halo rows); halos now go "
         "to the two neighbours only, which changes bytes, not values. Quality: the trained embedded "
         f"model at {args.size}x{args.size}, {args.captions} held-out captions, {args.steps} Euler steps, "
-        "guidance 5, corrected_async_gn, 4 warm-up steps, against N = 1 (every buffer compressed: the size "
+        f"guidance {args.guidance:g}, corrected_async_gn, 4 warm-up steps, against N = 1 (every buffer compressed: the size "
         "floor set to 0, as at SDXL 1024^2).",
         "",
         "| N | exchange | received / rank / step (SDXL 1024²) | fewer bytes | PSNR vs N = 1 | latent rel L2 |",
@@ -143,8 +143,7 @@ def write_report(path: Path, args, bytes_rows, psnr_rows) -> None:
         p, e = psnr.get((n, "native" if spec == BEFORE else spec), (float("nan"), float("nan")))
         lines.append(f"| {n} | {spec} | {nbytes / MIB:.2f} MiB | {ratio:.2f}x | {p:.2f} dB | {e:.4f} |")
     lines += ["", "## Against the target", "", *verdicts(bytes_rows, psnr_rows), ""]
-    kept = path.read_text().partition(HAND_WRITTEN)[2] if path.exists() else ""
-    path.write_text("\n".join(lines) + "\n" + HAND_WRITTEN + (kept or "\n"))
+    write_report_keeping_notes(path, lines)
 
 
 def main() -> None:
@@ -154,6 +153,8 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=SAMPLING_GUIDANCE,
+                        help="classifier-free guidance scale (default: the embedded model's, see docs/embedded_model.md)")
     parser.add_argument("--specs", nargs="+", default=["native", "float16", "int8", "int8+residual", "int4+residual"],
                         choices=ALLOWED_VALUES)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/compressed_exchange.md")
@@ -170,8 +171,8 @@ def main() -> None:
 
     model = model_or_trained(args.model)
     captions = [spec.caption() for spec in held_out_specs(args.captions)]
-    request = replace(GenerationRequest("", height=args.size, width=args.size, steps=args.steps, guidance=5.0,
-                                        scheduler="euler", seed=0))
+    request = replace(GenerationRequest("", height=args.size, width=args.size, steps=args.steps,
+                                        guidance=args.guidance, scheduler="euler", seed=0))
     psnr_rows = quality_rows(model, args.ranks, specs, captions, request)
     for line in verdicts(bytes_rows, psnr_rows):
         print(line)

@@ -1,11 +1,11 @@
 """Quality of every mode against one device, on the trained embedded model: the report in docs/quality.md.
 
     python benchmarks/quality.py [--model DIR] [--size 256] [--steps 20] [--ranks 2 4 8] [--captions 16]
-                                 [--held-out 50] [--out docs/quality.md] [--grid docs/quality_grid.png]
+                                 [--held-out 50] [--guidance 3] [--out docs/quality.md] [--grid docs/quality_grid.png]
 
 Without --model it writes the embedded default model (the trained one) to a temporary folder. Prompts
 are held-out captions (never trained on, ``training.held_out_specs``), generated as one batch per
-configuration (each image its own caption, CFG guidance 5, Euler, seed 0). Every N runs all ranks as
+configuration (each image its own caption, CFG guidance 3 by default, Euler, seed 0). Every N runs all ranks as
 one patch group (no CFG split: the patches are N row slabs). Reference: N = 1.
 
 1. N = 1 on ``--held-out`` captions: the caption checker's attribute accuracy (target >= 90 %).
@@ -29,8 +29,9 @@ from python_backend.core.denoise import GenerationRequest
 from python_backend.core.modes import Mode
 from python_backend.core.parallel import ParallelConfig
 from python_backend.core.ranks import run_on_ranks
+from python_backend.embedded.training import SAMPLING_GUIDANCE
 
-from common import model_or_trained  # also puts the repository root on sys.path
+from common import model_or_trained, write_report_keeping_notes  # also puts the repository root on sys.path
 
 REPORT_MODES = [Mode.FULL_SYNC, Mode.SYNC_GN, Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN, Mode.SEPARATE_GN,
                 Mode.NO_SYNC, Mode.NAIVE_PATCH]
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--captions", type=int, default=16)
+    parser.add_argument("--guidance", type=float, default=SAMPLING_GUIDANCE,
+                        help="classifier-free guidance scale (default: the embedded model's, see docs/embedded_model.md)")
     parser.add_argument("--held-out", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("docs/quality.md"))
     parser.add_argument("--grid", type=Path, default=Path("docs/quality_grid.png"))
@@ -117,7 +120,7 @@ def main() -> None:
     model = model_or_trained(args.model)  # random weights would draw nothing for the checker
     specs = held_out_specs(max(args.held_out, args.captions))
     captions = [spec.caption() for spec in specs]
-    request = GenerationRequest("", height=args.size, width=args.size, steps=args.steps, guidance=5.0,
+    request = GenerationRequest("", height=args.size, width=args.size, steps=args.steps, guidance=args.guidance,
                                 scheduler="euler", seed=0)
     (held_out,) = run(1, model, captions[:args.held_out], request, [ParallelConfig(Mode.FULL_SYNC)])
     one_accuracy, one_per = checker_accuracy(held_out[1], specs[:args.held_out])
@@ -176,7 +179,7 @@ def write_report(args, captions, one_accuracy, one_per, rows, warmup_rows) -> No
         "# Quality of each mode against one device (trained embedded model)",
         "",
         f"The trained embedded model (tiny SDXL layout, `distrifusion tiny-model`), {args.size}x{args.size}, "
-        f"{args.steps} Euler steps, guidance 5, seed 0; prompts are held-out captions (never trained on), "
+        f"{args.steps} Euler steps, guidance {args.guidance:g}, seed 0; prompts are held-out captions (never trained on), "
         "one image per caption, generated as one batch per configuration. Every N runs all ranks as one "
         "patch group (no CFG split: N row slabs). Reference: N = 1. PSNR on the decoded uint8 images "
         "(mean over the captions), relative L2 on the final latents, and the caption checker's attribute "
@@ -186,7 +189,7 @@ def write_report(args, captions, one_accuracy, one_per, rows, warmup_rows) -> No
         "",
         "```",
         f"python benchmarks/quality.py --size {args.size} --steps {args.steps} --ranks {' '.join(map(str, args.ranks))} "
-        f"--captions {args.captions} --held-out {args.held_out}",
+        f"--captions {args.captions} --held-out {args.held_out} --guidance {args.guidance:g}",
         "```",
         "",
         f"## One device on {args.held_out} held-out captions",
@@ -213,7 +216,7 @@ def write_report(args, captions, one_accuracy, one_per, rows, warmup_rows) -> No
         f"![N = 1, then every mode at N = 4 and 8, difference x{DIFF_GAIN} below]({args.grid.name})",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    write_report_keeping_notes(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ scripts/setup.sh
 export HF_HUB_OFFLINE=1
 HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
 bin=.venv/bin
-[ -f artifacts/shapes-sdxl/model_index.json ] || $bin/distrifusion tiny-model artifacts/shapes-sdxl
+# Copied every time (11 MB): a checkout with newer weights replaces an older copy; the engine cache is keyed
+# on the weights, so unchanged weights reuse their engines.
+$bin/distrifusion tiny-model artifacts/shapes-sdxl
 # build/tiny-cpu.toml names the model, size, ranks, backend and served defaults of this deployment.
 $bin/distrifusion build --recipe build/tiny-cpu.toml
 $bin/distrifusion serve --repository artifacts/repository --host 127.0.0.1 \
