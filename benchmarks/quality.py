@@ -1,7 +1,7 @@
 """Quality of every mode against one device, on the trained embedded model: the report in docs/quality.md.
 
     python benchmarks/quality.py [--model DIR] [--size 256] [--steps 20] [--ranks 2 4 8] [--captions 16]
-                                 [--held-out 50] [--guidance 3] [--out docs/quality.md] [--grid docs/quality_grid.png]
+                                 [--held-out 50] [--guidance 3] [--out docs/quality.md] [--grid docs/images/quality_grid.png]
 
 Without --model it writes the embedded default model (the trained one) to a temporary folder. Prompts
 are held-out captions (never trained on, ``training.held_out_specs``), generated as one batch per
@@ -18,6 +18,7 @@ one patch group (no CFG split: the patches are N row slabs). Reference: N = 1.
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import time
 from dataclasses import replace
@@ -111,7 +112,7 @@ def main() -> None:
                         help="classifier-free guidance scale (default: the embedded model's, see docs/embedded_model.md)")
     parser.add_argument("--held-out", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("docs/quality.md"))
-    parser.add_argument("--grid", type=Path, default=Path("docs/quality_grid.png"))
+    parser.add_argument("--grid", type=Path, default=Path("docs/images/quality_grid.png"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -213,7 +214,7 @@ def write_report(args, captions, one_accuracy, one_per, rows, warmup_rows) -> No
         "",
         f"## Pictures ({captions[0]!r})",
         "",
-        f"![N = 1, then every mode at N = 4 and 8, difference x{DIFF_GAIN} below]({args.grid.name})",
+        f"![N = 1, then every mode at N = 4 and 8, difference x{DIFF_GAIN} below]({os.path.relpath(args.grid, args.out.parent)})",
         "",
     ]
     write_report_keeping_notes(args.out, lines)

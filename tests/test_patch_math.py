@@ -59,11 +59,30 @@ def test_corrected_moments_shift_stale_global_by_local_change():
     assert torch.allclose(corrected, torch.full((2, 1, 1), 3.0))
 
 
-def test_negative_variance_falls_back_to_local():
-    moments = torch.tensor([[[2.0]], [[1.0]]])  # E[x]^2 > E[x^2]: negative variance
-    local = torch.tensor([[[1.0]], [[3.0]]])
-    assert patch_math.variance(moments, local).item() == pytest.approx(2.0)
-    assert patch_math.variance(local).item() == pytest.approx(2.0)
+def test_the_within_slab_variance_bounds_the_whole_maps_variance_from_below():
+    torch.manual_seed(0)
+    layout = PatchLayout((3, 2, 1), 2)
+    x = torch.randn(2, 8, 12, 6)
+    x[:, :, :6] += 3.0  # slab means far apart: the whole variance is well above the slabs' own
+    slabs = [patch_math.group_moments(s, 4) for s in _slabs(x, layout)]
+    whole = patch_math.variance(patch_math.weighted_moments(slabs, layout.weights()))
+    floor = patch_math.within_slab_variance(slabs, layout.weights())
+    assert (floor <= whole + 1e-5).all() and (floor < 0.5 * whole).all()
+    same = torch.randn(2, 8, 12, 6)  # every slab the same statistics: the bound is nearly tight
+    slabs = [patch_math.group_moments(s, 4) for s in _slabs(same, layout)]
+    whole = patch_math.variance(patch_math.weighted_moments(slabs, layout.weights()))
+    torch.testing.assert_close(patch_math.within_slab_variance(slabs, layout.weights()), whole, rtol=0.1, atol=0)
+
+
+def test_a_cancelled_variance_is_lifted_to_the_floor_and_a_plausible_one_left_alone():
+    cancelled = torch.tensor([[[2.0]], [[4.0001]]])  # E[x^2] - E[x]^2 = 1e-4: would multiply activations by ~100
+    plausible = torch.tensor([[[2.0]], [[7.0]]])  # variance 3
+    floor = torch.tensor([[1.5]])
+    assert patch_math.variance(cancelled, floor).item() == pytest.approx(1.5)
+    assert patch_math.variance(plausible, floor).item() == pytest.approx(3.0)
+    assert patch_math.variance(cancelled).item() == pytest.approx(1e-4, rel=1e-2)
+    negative = torch.tensor([[[2.0]], [[1.0]]])
+    assert patch_math.variance(negative, floor).item() == pytest.approx(1.5)
 
 
 def test_local_queries_over_full_keys_equal_full_attention_rows():

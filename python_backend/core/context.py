@@ -85,7 +85,7 @@ class PatchContext:
             return fresh[0], patch_math.variance(fresh)
         source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
         shapes = [tuple(fresh.shape)] * self.layout.num_patches
-        fallback = None
+        floor = None
         if source is GroupNormSource.CURRENT:
             moments = patch_math.weighted_moments(self.exchange.gather(key, fresh, shapes), weights)
         elif source is GroupNormSource.LOCAL:
@@ -93,10 +93,13 @@ class PatchContext:
         else:
             stale = self.exchange.latest(key)
             self.exchange.start(key, fresh, shapes)
+            mixed = [fresh if r == self.index else t for r, t in enumerate(stale)]
             if source is GroupNormSource.CORRECTED:
                 moments = patch_math.corrected_moments(stale, fresh, self.index, weights)
-                fallback = fresh
+                # The corrected E[x^2] - E[x]^2 cancels badly where one slab's mean moved far (an object
+                # appearing in it); a variance near zero then multiplies that group's activations
+                # (docs/quality.md). The slabs' own variances bound it from below.
+                floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(mixed, weights)
             else:
-                mixed = [fresh if r == self.index else t for r, t in enumerate(stale)]
                 moments = patch_math.weighted_moments(mixed, weights)
-        return moments[0], patch_math.variance(moments, fallback)
+        return moments[0], patch_math.variance(moments, floor)
