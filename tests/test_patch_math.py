@@ -78,11 +78,18 @@ def test_a_cancelled_variance_is_lifted_to_the_floor_and_a_plausible_one_left_al
     cancelled = torch.tensor([[[2.0]], [[4.0001]]])  # E[x^2] - E[x]^2 = 1e-4: would multiply activations by ~100
     plausible = torch.tensor([[[2.0]], [[7.0]]])  # variance 3
     floor = torch.tensor([[1.5]])
-    assert patch_math.variance(cancelled, floor).item() == pytest.approx(1.5)
-    assert patch_math.variance(plausible, floor).item() == pytest.approx(3.0)
+    local = torch.tensor([[[1.0]], [[3.0]]])  # the slab's own variance: 2
+    assert patch_math.variance(cancelled, local, floor).item() == pytest.approx(1.5)
+    assert patch_math.variance(plausible, local, floor).item() == pytest.approx(3.0)
     assert patch_math.variance(cancelled).item() == pytest.approx(1e-4, rel=1e-2)
-    negative = torch.tensor([[[2.0]], [[1.0]]])
-    assert patch_math.variance(negative, floor).item() == pytest.approx(1.5)
+
+
+def test_a_negative_corrected_variance_takes_the_slabs_own():
+    negative = torch.tensor([[[2.0]], [[1.0]]])  # E[x]^2 > E[x^2]
+    local = torch.tensor([[[1.0]], [[3.0]]])
+    assert patch_math.variance(negative, local, floor=torch.tensor([[1.5]])).item() == pytest.approx(2.0)
+    assert patch_math.variance(negative, local).item() == pytest.approx(2.0)
+    assert patch_math.variance(local).item() == pytest.approx(2.0)
 
 
 def test_local_queries_over_full_keys_equal_full_attention_rows():

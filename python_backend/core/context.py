@@ -85,7 +85,7 @@ class PatchContext:
             return fresh[0], patch_math.variance(fresh)
         source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
         shapes = [tuple(fresh.shape)] * self.layout.num_patches
-        floor = None
+        local = floor = None
         if source is GroupNormSource.CURRENT:
             moments = patch_math.weighted_moments(self.exchange.gather(key, fresh, shapes), weights)
         elif source is GroupNormSource.LOCAL:
@@ -100,6 +100,7 @@ class PatchContext:
                 # appearing in it); a variance near zero then multiplies that group's activations
                 # (docs/quality.md). The slabs' own variances bound it from below.
                 floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(mixed, weights)
+                local = fresh  # DESIGN.md: a negative corrected variance takes the slab's own
             else:
                 moments = patch_math.weighted_moments(mixed, weights)
-        return moments[0], patch_math.variance(moments, floor)
+        return moments[0], patch_math.variance(moments, local, floor)
