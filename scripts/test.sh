@@ -10,4 +10,4 @@ if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
         >/tmp/distrifusion-apt.log 2>&1 || echo "could not install chromium (see /tmp/distrifusion-apt.log)"
 fi
-exec .venv/bin/python -m pytest -q -rs "$@"
+exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"

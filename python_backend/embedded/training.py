@@ -422,8 +422,10 @@ def draw_loss_curve(record: TrainingLog, path: pathlib.Path, width: int = 900, h
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
+    object_weight = record.config.get("unet_object_weight", 0)
+    unet_weighting = f", object pixels x(1 + {object_weight:g} coverage)" if object_weight else ""
     panels = [("VAE reconstruction loss (crops, then whole images object-weighted)", record.vae_losses),
-              ("UNet v-prediction loss (SNR-capped weights)", record.unet_losses)]
+              (f"UNet v-prediction loss (SNR-capped{unet_weighting})", record.unet_losses)]
     panel_width = width // len(panels)
     for i, (title, losses) in enumerate(panels):
         left, top, right, bottom = i * panel_width + 50, 30, (i + 1) * panel_width - 15, height - 40
