@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -34,3 +35,11 @@ def write_report_keeping_notes(path: Path, lines: list[str]) -> None:
     """Write a benchmark's generated ``lines`` to ``path``, keeping what a person wrote below :data:`HAND_WRITTEN`."""
     kept = path.read_text().partition(HAND_WRITTEN)[2] if path.exists() else ""
     path.write_text("\n".join(lines) + "\n" + HAND_WRITTEN + (kept or "\n"))
+
+
+def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
+    """``--guidance``, defaulting to the guidance the embedded model draws its captions best at."""
+    from python_backend.embedded.training import SAMPLING_GUIDANCE
+
+    parser.add_argument("--guidance", type=float, default=SAMPLING_GUIDANCE,
+                        help="classifier-free guidance scale (default: the embedded model's, see docs/embedded_model.md)")

@@ -29,7 +29,7 @@ import torch
 
 import comm_volume
 import quality
-from common import model_or_trained, write_report_keeping_notes  # also puts the repository root on sys.path
+from common import add_guidance_argument, model_or_trained, write_report_keeping_notes  # also puts the repository root on sys.path
 from python_backend.core import exchange_codec
 from python_backend.core.context import PatchContext
 from python_backend.core.denoise import GenerationRequest
@@ -39,7 +39,6 @@ from python_backend.core.modes import Mode
 from python_backend.core.parallel import ParallelConfig
 from python_backend.core.patch_layers import patch_unet
 from python_backend.core.ranks import run_on_ranks
-from python_backend.embedded.training import SAMPLING_GUIDANCE
 
 MIB = 1 << 20
 BEFORE = "native, halos all-gathered"  # the exchange before this work: the baseline of "fewer bytes"
@@ -153,8 +152,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=SAMPLING_GUIDANCE,
-                        help="classifier-free guidance scale (default: the embedded model's, see docs/embedded_model.md)")
+    add_guidance_argument(parser)
     parser.add_argument("--specs", nargs="+", default=["native", "float16", "int8", "int8+residual", "int4+residual"],
                         choices=ALLOWED_VALUES)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/compressed_exchange.md")

@@ -30,9 +30,8 @@ from python_backend.core.denoise import GenerationRequest
 from python_backend.core.modes import Mode
 from python_backend.core.parallel import ParallelConfig
 from python_backend.core.ranks import run_on_ranks
-from python_backend.embedded.training import SAMPLING_GUIDANCE
 
-from common import model_or_trained, write_report_keeping_notes  # also puts the repository root on sys.path
+from common import add_guidance_argument, model_or_trained, write_report_keeping_notes  # also puts the repository root on sys.path
 
 REPORT_MODES = [Mode.FULL_SYNC, Mode.SYNC_GN, Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN, Mode.SEPARATE_GN,
                 Mode.NO_SYNC, Mode.NAIVE_PATCH]
@@ -108,8 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--captions", type=int, default=16)
-    parser.add_argument("--guidance", type=float, default=SAMPLING_GUIDANCE,
-                        help="classifier-free guidance scale (default: the embedded model's, see docs/embedded_model.md)")
+    add_guidance_argument(parser)
     parser.add_argument("--held-out", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("docs/quality.md"))
     parser.add_argument("--grid", type=Path, default=Path("docs/images/quality_grid.png"))

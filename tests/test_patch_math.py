@@ -64,14 +64,15 @@ def test_the_within_slab_variance_bounds_the_whole_maps_variance_from_below():
     layout = PatchLayout((3, 2, 1), 2)
     x = torch.randn(2, 8, 12, 6)
     x[:, :, :6] += 3.0  # slab means far apart: the whole variance is well above the slabs' own
+    weights = torch.tensor(layout.weights())
     slabs = [patch_math.group_moments(s, 4) for s in _slabs(x, layout)]
     whole = patch_math.variance(patch_math.weighted_moments(slabs, layout.weights()))
-    floor = patch_math.within_slab_variance(slabs, layout.weights())
+    floor = patch_math.within_slab_variance(torch.stack(slabs), weights)
     assert (floor <= whole + 1e-5).all() and (floor < 0.5 * whole).all()
     same = torch.randn(2, 8, 12, 6)  # every slab the same statistics: the bound is nearly tight
     slabs = [patch_math.group_moments(s, 4) for s in _slabs(same, layout)]
     whole = patch_math.variance(patch_math.weighted_moments(slabs, layout.weights()))
-    torch.testing.assert_close(patch_math.within_slab_variance(slabs, layout.weights()), whole, rtol=0.1, atol=0)
+    torch.testing.assert_close(patch_math.within_slab_variance(torch.stack(slabs), weights), whole, rtol=0.1, atol=0)
 
 
 def test_a_cancelled_variance_is_lifted_to_the_floor_and_a_plausible_one_left_alone():
@@ -79,16 +80,16 @@ def test_a_cancelled_variance_is_lifted_to_the_floor_and_a_plausible_one_left_al
     plausible = torch.tensor([[[2.0]], [[7.0]]])  # variance 3
     floor = torch.tensor([[1.5]])
     local = torch.tensor([[[1.0]], [[3.0]]])  # the slab's own variance: 2
-    assert patch_math.variance(cancelled, local, floor).item() == pytest.approx(1.5)
-    assert patch_math.variance(plausible, local, floor).item() == pytest.approx(3.0)
+    assert patch_math.corrected_variance(cancelled, local, floor).item() == pytest.approx(1.5)
+    assert patch_math.corrected_variance(plausible, local, floor).item() == pytest.approx(3.0)
     assert patch_math.variance(cancelled).item() == pytest.approx(1e-4, rel=1e-2)
 
 
 def test_a_negative_corrected_variance_takes_the_slabs_own():
     negative = torch.tensor([[[2.0]], [[1.0]]])  # E[x]^2 > E[x^2]
     local = torch.tensor([[[1.0]], [[3.0]]])
-    assert patch_math.variance(negative, local, floor=torch.tensor([[1.5]])).item() == pytest.approx(2.0)
-    assert patch_math.variance(negative, local).item() == pytest.approx(2.0)
+    assert patch_math.corrected_variance(negative, local, floor=torch.tensor([[1.5]])).item() == pytest.approx(2.0)
+    assert patch_math.corrected_variance(negative, local, floor=torch.zeros(1, 1)).item() == pytest.approx(2.0)
     assert patch_math.variance(local).item() == pytest.approx(2.0)
 
 

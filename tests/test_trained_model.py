@@ -121,22 +121,13 @@ def test_every_scheduler_keeps_the_trained_schedule_and_never_clips_latents():
         assert not getattr(scheduler.config, "clip_sample", False), name  # DDIM's default would clip latents
 
 
-def _final_latents(ranks, model, caption, request, config):
-    from python_backend.core.model import encode_prompt
-    from python_backend.engines.loader import load_denoiser
-
-    denoiser = load_denoiser(model, ranks, config, "float32", "torch", None)
-    with torch.no_grad():
-        cond = encode_prompt(denoiser.pipe, [caption], None, 1, request.guided, request.height, request.width)
-        return denoiser.generate(request, config, cond=cond).latents.float().cpu().numpy()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (TRAINED_SDXL / "model_index.json").is_file(), reason="the trained weights are not shipped")
 def test_corrected_group_norm_stays_near_one_device_where_a_slabs_statistics_jump(tmp_path):
     """The held-out caption where corrected asynchronous GroupNorm blew up at N = 4 (latent error 2.66, 12 dB):
     an object appearing in one slab moved its mean so far that the corrected E[x^2] - E[x]^2 cancelled to
     nearly zero, and that group's activations were multiplied. The within-slab variance floor holds it."""
+    from python_backend.cli.generate_job import GenerationJob, run_generation_job
     from python_backend.core.denoise import GenerationRequest
     from python_backend.core.modes import Mode
     from python_backend.core.parallel import ParallelConfig
@@ -144,11 +135,15 @@ def test_corrected_group_norm_stays_near_one_device_where_a_slabs_statistics_jum
 
     model = str(write_trained_sdxl(tmp_path / "trained"))
     caption = training.held_out_specs(2)[1].caption()
-    request = GenerationRequest("", height=256, width=256, steps=20, guidance=training.SAMPLING_GUIDANCE,
+    request = GenerationRequest(caption, height=256, width=256, steps=20, guidance=training.SAMPLING_GUIDANCE,
                                 scheduler="euler", seed=0)
-    one = run_on_ranks(1, _final_latents, (model, caption, request, ParallelConfig(Mode.FULL_SYNC)))
-    four = run_on_ranks(4, _final_latents, (model, caption, request,
-                                            ParallelConfig(Mode.CORRECTED_ASYNC_GN, 4, split_cfg=False)))
+
+    def final_latents(world_size, parallel):
+        job = GenerationJob(model, [(request, parallel)], decode=False, progress=False, dtype="float32")
+        return run_on_ranks(world_size, run_generation_job, (job,))[0].latents
+
+    one = final_latents(1, ParallelConfig(Mode.FULL_SYNC))
+    four = final_latents(4, ParallelConfig(Mode.CORRECTED_ASYNC_GN, 4, split_cfg=False))
     error = float(np.linalg.norm(four - one) / np.linalg.norm(one))
     print(f"\nN = 4 corrected_async_gn on {caption!r}: latent rel L2 {error:.3f}")
     assert np.isfinite(four).all()

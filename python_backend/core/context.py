@@ -4,7 +4,7 @@ layer gets the other slabs' data from (fresh, stale or frozen). Layers ask; the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ class PatchContext:
     warmup_steps: int = DEFAULT_WARMUP_STEPS
     step: int = 0
     generation: int = 0  # counts generations: what is cached per generation is keyed by it
+    _weights_on: dict = field(default_factory=dict, repr=False, compare=False)  # device -> slab weights tensor
 
     def begin_generation(self) -> None:
         self.exchange.reset()
@@ -85,7 +86,6 @@ class PatchContext:
             return fresh[0], patch_math.variance(fresh)
         source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
         shapes = [tuple(fresh.shape)] * self.layout.num_patches
-        local = floor = None
         if source is GroupNormSource.CURRENT:
             moments = patch_math.weighted_moments(self.exchange.gather(key, fresh, shapes), weights)
         elif source is GroupNormSource.LOCAL:
@@ -99,8 +99,15 @@ class PatchContext:
                 # The corrected E[x^2] - E[x]^2 cancels badly where one slab's mean moved far (an object
                 # appearing in it); a variance near zero then multiplies that group's activations
                 # (docs/quality.md). The slabs' own variances bound it from below.
-                floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(mixed, weights)
-                local = fresh  # DESIGN.md: a negative corrected variance takes the slab's own
-            else:
-                moments = patch_math.weighted_moments(mixed, weights)
-        return moments[0], patch_math.variance(moments, local, floor)
+                slab_weights = self._slab_weights(fresh.device)
+                floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(torch.stack(mixed),
+                                                                                            slab_weights)
+                return moments[0], patch_math.corrected_variance(moments, fresh, floor)
+            moments = patch_math.weighted_moments(mixed, weights)
+        return moments[0], patch_math.variance(moments)
+
+    def _slab_weights(self, device: torch.device) -> torch.Tensor:
+        """``layout.weights()`` as a float32 tensor on ``device``, made once (not a host copy per layer)."""
+        if device not in self._weights_on:
+            self._weights_on[device] = torch.tensor(self.layout.weights(), dtype=torch.float32, device=device)
+        return self._weights_on[device]

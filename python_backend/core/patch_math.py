@@ -125,21 +125,24 @@ trained model (24 held-out captions, N = 2, 4, 8) 0.5 beat 0.25 and 1; without a
 latents blew up at N = 4 (relative error 2.66), and a bare clamp at zero gave NaN at N = 8 (docs/quality.md)."""
 
 
-def within_slab_variance(moments: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """The element-weighted mean of each slab's own variance: a lower bound on the whole map's variance
-    (law of total variance: the whole variance adds the spread of the slab means to it)."""
-    return sum(w * (m[1] - m[0].square()) for m, w in zip(moments, weights)).clamp_min(0)
+def within_slab_variance(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The element-weighted mean of each slab's own variance, from stacked slab moments [N, 2, B, G] and
+    weights [N]: a lower bound on the whole map's variance (law of total variance: the whole variance adds
+    the spread of the slab means to it). One pass over the stack, whatever N: this runs in every step."""
+    own = moments[:, 1] - moments[:, 0].square()
+    return torch.tensordot(weights, own, dims=1).clamp_min(0)
 
 
-def variance(moments: torch.Tensor, local: torch.Tensor | None = None, floor: torch.Tensor | None = None) -> torch.Tensor:
-    """Biased variance E[x^2] - E[x]^2. Where it comes out negative, ``local`` moments' variance (the slab's
-    own); elsewhere at least ``floor``."""
-    var = moments[1] - moments[0].square()
-    if floor is not None:
-        var = torch.where(var < 0, var, torch.maximum(var, floor))
-    if local is not None:
-        var = torch.where(var < 0, local[1] - local[0].square(), var)
-    return var
+def variance(moments: torch.Tensor) -> torch.Tensor:
+    """Biased variance E[x^2] - E[x]^2."""
+    return moments[1] - moments[0].square()
+
+
+def corrected_variance(moments: torch.Tensor, local: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """The corrected moments' variance: where negative, the slab's own (``local`` moments, DESIGN.md);
+    elsewhere at least ``floor``."""
+    var = variance(moments)
+    return torch.where(var < 0, variance(local), torch.maximum(var, floor))
 
 
 def group_normalize(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
