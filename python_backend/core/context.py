@@ -23,7 +23,7 @@ class PatchContext:
     warmup_steps: int = DEFAULT_WARMUP_STEPS
     step: int = 0
     generation: int = 0  # counts generations: what is cached per generation is keyed by it
-    _weights_on: dict = field(default_factory=dict, repr=False, compare=False)  # device -> slab weights tensor
+    _weights_on: dict = field(default_factory=dict, repr=False, compare=False)  # (weights, device) -> tensor
 
     def begin_generation(self) -> None:
         self.exchange.reset()
@@ -99,15 +99,17 @@ class PatchContext:
                 # The corrected E[x^2] - E[x]^2 cancels badly where one slab's mean moved far (an object
                 # appearing in it); a variance near zero then multiplies that group's activations
                 # (docs/quality.md). The slabs' own variances bound it from below.
-                slab_weights = self._slab_weights(fresh.device)
+                slab_weights = self._slab_weights(weights, fresh.device)
                 floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(torch.stack(mixed),
                                                                                             slab_weights)
                 return moments[0], patch_math.corrected_variance(moments, fresh, floor)
             moments = patch_math.weighted_moments(mixed, weights)
         return moments[0], patch_math.variance(moments)
 
-    def _slab_weights(self, device: torch.device) -> torch.Tensor:
-        """``layout.weights()`` as a float32 tensor on ``device``, made once (not a host copy per layer)."""
-        if device not in self._weights_on:
-            self._weights_on[device] = torch.tensor(self.layout.weights(), dtype=torch.float32, device=device)
-        return self._weights_on[device]
+    def _slab_weights(self, weights: list[float], device: torch.device) -> torch.Tensor:
+        """``weights`` as a float32 tensor on ``device``, made once per layout and device (not a host copy
+        per layer); keyed by the weights themselves, since one context serves several layouts."""
+        key = (tuple(weights), device)
+        if key not in self._weights_on:
+            self._weights_on[key] = torch.tensor(weights, dtype=torch.float32, device=device)
+        return self._weights_on[key]
