@@ -88,11 +88,19 @@ def main() -> None:
                                  "text_embeds": torch.randn(batch, 1280, generator=gen),
                                  "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * batch,
                                                           dtype=torch.float32)})["temb"]
+    text_kv = {}
+    if manifest.get("text_kv"):  # the cross-attention layers' text keys and values, once per generation
+        runner = OnnxRuntimeRunner(rank_dir / manifest["text_kv"]["file"])
+        text_kv = runner.run({"text": tensors["text"]})
+        del runner
     buffers = manifest["buffers"]
     for segment in manifest["segments"]:
         t0 = time.perf_counter()
         runner = OnnxRuntimeRunner(rank_dir / segment["file"])
         feeds = {name: tensors[name] for name in segment["inputs"]}
+        for layer in segment.get("text_kv", ()):
+            feeds[f"text_key.{layer}"] = text_kv[f"text_key.{layer}"]
+            feeds[f"text_value.{layer}"] = text_kv[f"text_value.{layer}"]
         for key in segment["stale"]:
             for r, shape in enumerate(buffers[key]):
                 feeds[f"stale.{key}.{r}"] = torch.zeros(shape)

@@ -59,13 +59,32 @@ def test_onnxruntime_equals_eager(tiny_sdxl, engine_root, world_size):
     eager, eager_calls = _latents(tiny_sdxl, world_size, "torch", None, Mode.CORRECTED_ASYNC_GN)
     engines, engine_calls = _latents(tiny_sdxl, world_size, "onnxruntime", folder, Mode.CORRECTED_ASYNC_GN)
     # The engines really ran every asynchronous step: the time embedding and every segment, once each
-    # per asynchronous step (the synchronous warm-up steps stay in the eager core).
+    # per asynchronous step (the synchronous warm-up steps stay in the eager core), and the text keys and
+    # values once per generation.
     segments = len(json.loads((folder / "patch0" / "manifest.json").read_text())["segments"])
-    assert (eager_calls, engine_calls) == (0, (REQUEST.steps - WARMUP) * (1 + segments))
+    assert (eager_calls, engine_calls) == (0, (REQUEST.steps - WARMUP) * (1 + segments) + 1)
     error = relative_l2(engines.latents, eager.latents)
     assert error < 1e-4, f"N={world_size}: {error:.2e}"
     for path in folder.rglob("*.onnx"):
         onnx.checker.check_model(str(path))
+
+
+def test_text_keys_and_values_follow_each_generations_prompt(tiny_sdxl, engine_root):
+    """The text key/value graph's outputs are kept for a whole generation: a second generation with
+    another prompt on the same loaded engines gives exactly what it gives on freshly loaded ones."""
+    folder = build(BuildRequest(str(tiny_sdxl), 128, 128, 2, split_cfg=False), engine_root, progress=False)
+    first = dataclasses.replace(REQUEST, height=128, width=128, steps=4)
+    second = dataclasses.replace(first, prompt="a red square at the bottom right", seed=3)
+    parallel = ParallelConfig(Mode.CORRECTED_ASYNC_GN, 1, split_cfg=False)
+
+    def job(requests):
+        return GenerationJob(str(tiny_sdxl), [(r, parallel) for r in requests], decode=False, progress=False,
+                             engine="onnxruntime", engine_dir=str(folder))
+
+    after_another = run_on_ranks(2, run_generation_job, (job([first, second]),))
+    alone = run_on_ranks(2, run_generation_job, (job([second]),))
+    assert relative_l2(after_another[1].latents, alone[0].latents) < 1e-6
+    assert relative_l2(after_another[0].latents, alone[0].latents) > 0.05  # the prompts do differ
 
 
 def test_segment_names_are_stable(tiny_sdxl, engine_root):
@@ -81,8 +100,19 @@ def test_segment_names_are_stable(tiny_sdxl, engine_root):
     # down0 has no cross-attention, so "text" is not an input there (the exporter drops unused inputs)
     assert inputs[:2] == ["sample", "temb"] and all(n.startswith("stale.") for n in inputs[2:])
     second = onnx.load(str(folder / "patch1" / manifest["segments"][1]["file"]), load_external_data=False)
-    assert [i.name for i in second.graph.input][:3] == ["hidden", "temb", "text"]
+    second_inputs = [i.name for i in second.graph.input]
+    # down1 has cross-attention: it reads each layer's text keys and values (made once per generation), not
+    # the text
+    assert second_inputs[:2] == ["hidden", "temb"] and "text" not in second_inputs
+    layers = manifest["segments"][1]["text_kv"]
+    assert layers and all(layer.startswith("down_blocks.1.") and layer.endswith("attn2") for layer in layers)
+    assert second_inputs[-2 * len(layers):] == [f"text_{part}.{layer}" for layer in layers for part in ("key", "value")]
     assert [o.name for o in second.graph.output][0] == "hidden_out"
+    text_kv = onnx.load(str(folder / "patch1" / manifest["text_kv"]["file"]), load_external_data=False)
+    assert [i.name for i in text_kv.graph.input] == ["text"]
+    every_layer = [layer for s in manifest["segments"] for layer in s["text_kv"]]
+    assert manifest["text_kv"]["layers"] == every_layer
+    assert [o.name for o in text_kv.graph.output] == [f"text_{p}.{layer}" for layer in every_layer for p in ("key", "value")]
     outputs = [o.name for o in first.graph.output]
     assert outputs[0] == "hidden" and any(n.startswith("skip") for n in outputs)
     assert any(n.startswith("fresh.") for n in outputs)
@@ -126,7 +156,7 @@ def test_changing_any_key_field_rebuilds(tiny_sdxl, engine_root, tmp_path):
     # And a real rebuild lands in a new folder.
     rebuilt = build(dataclasses.replace(base, cut="down0+down1,down2,mid,up0,up1+up2"), engine_root, progress=False)
     assert rebuilt != build(base, engine_root, progress=False)
-    assert len(list(rebuilt.glob("patch0/*.onnx"))) == 1 + 5
+    assert len(list(rebuilt.glob("patch0/*.onnx"))) == 1 + 5 + 1  # time embedding, 5 segments, text keys and values
 
 
 def test_engines_refuse_a_generation_they_were_not_built_for(tiny_sdxl, engine_root):

@@ -56,8 +56,8 @@ def test_build_writes_every_ranks_segments_and_a_repository_that_decodes_on_the_
     assert recorded["fields"]["units"] == [2, 2] and recorded["fields"]["batch"] == 2  # 2 slabs, both CFG halves
     for index in range(RANKS):
         manifest = json.loads((build / f"patch{index}" / "manifest.json").read_text())
-        files = [manifest["embed"]["file"], *(s["file"] for s in manifest["segments"])]
-        assert len(files) == 1 + 7
+        files = [manifest["embed"]["file"], *(s["file"] for s in manifest["segments"]), manifest["text_kv"]["file"]]
+        assert len(files) == 1 + 7 + 1
         assert all((build / f"patch{index}" / name).is_file() for name in files)
         # and, the rank group decoding (the default), this rank's VAE decoder pieces (tests/test_vae_engines.py)
         decoder = json.loads((build / "vae" / f"rank{index}" / "manifest.json").read_text())

@@ -5,6 +5,7 @@ layer gets the other slabs' data from (fresh, stale or frozen). Layers ask; the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -15,6 +16,11 @@ from .parallel import synchronous_steps
 from .transport import BufferTransport
 
 
+class TextKeyValueSource(Protocol):
+    def key_value(self, layer: str, attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention layer ``layer``'s text keys and values."""
+
+
 @dataclass
 class PatchContext:
     layout: PatchLayout
@@ -23,6 +29,9 @@ class PatchContext:
     warmup_steps: int = DEFAULT_WARMUP_STEPS
     step: int = 0
     generation: int = 0  # counts generations: what is cached per generation is keyed by it
+    # Where cross-attention layers take their text keys and values instead of their per-generation cache:
+    # set only while segment graphs are exported, where they are graph inputs (engines/segments.py)
+    text_key_values: TextKeyValueSource | None = None
     _weights_on: dict = field(default_factory=dict, repr=False, compare=False)  # (weights, device) -> tensor
 
     def begin_generation(self) -> None:

@@ -103,18 +103,25 @@ class CachedCrossAttentionProcessor:
     generation (per layer; with the CFG split each rank caches its own half) instead of every step.
 
     The cache is keyed by the context's generation and the text tensor itself, so a new generation or
-    new conditioning recomputes it; while a graph is traced (ONNX export) nothing is cached, so the
-    engines compute them from their text input as before. Anything this processor does not cover
-    (masks, cross-attention norms, spatial norms) goes to the layer's own processor."""
+    new conditioning recomputes it. While segment graphs are exported, the context's
+    ``text_key_values`` hands them in instead (there they are graph inputs, made once per generation by the
+    text key/value graph); a graph traced without one computes them from its text input. Anything this
+    processor does not cover (masks, cross-attention norms, spatial norms) goes to the layer's own processor."""
 
-    def __init__(self, context: PatchContext, fallback):
+    def __init__(self, key: str, context: PatchContext, fallback):
+        self.key = key
         self.context = context
         self.fallback = fallback
         self._cached: tuple | None = None  # (generation and text tensor identity, (key, value))
 
+    @staticmethod
+    def covers(attn, hidden_states, attention_mask=None) -> bool:
+        """Whether this processor computes the call itself (else the layer's own processor does)."""
+        return (attention_mask is None and not attn.norm_cross and attn.spatial_norm is None
+                and attn.group_norm is None and hidden_states.ndim == 3)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if (_building_a_graph() or encoder_hidden_states is None or attention_mask is not None or attn.norm_cross
-                or attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3):
+        if encoder_hidden_states is None or not self.covers(attn, hidden_states, attention_mask):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
         query = attn.to_q(hidden_states)
@@ -125,13 +132,23 @@ class CachedCrossAttentionProcessor:
         return _attention_output(attn, out, residual)
 
     def _text_key_value(self, attn, text: torch.Tensor):
+        if self.context.text_key_values is not None:
+            return self.context.text_key_values.key_value(self.key, attn, text)
+        if _building_a_graph():
+            return text_key_value(attn, text)  # symbolic values: nothing to cache
         identity = (self.context.generation, text.data_ptr(), text._version, tuple(text.shape), text.dtype, text.device)
         if self._cached is None or self._cached[0] != identity:
-            key = attn.to_k(text)
-            if attn.norm_k is not None:
-                key = _per_head(attn.norm_k, key, attn.heads)
-            self._cached = (identity, (key, attn.to_v(text)))
+            self._cached = (identity, text_key_value(attn, text))
         return self._cached[1]
+
+
+def text_key_value(attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cross-attention layer's keys and values of the text (the key normalised per head where the layer
+    does): what is computed once per generation."""
+    key = attn.to_k(text)
+    if attn.norm_k is not None:
+        key = _per_head(attn.norm_k, key, attn.heads)
+    return key, attn.to_v(text)
 
 
 class FusedKeyValue:
@@ -237,7 +254,7 @@ def patch_unet(unet: nn.Module, context: PatchContext) -> nn.Module:
         if isinstance(child, Attention) and not child.is_cross_attention:
             child.set_processor(PatchSelfAttentionProcessor(key, context))
         elif isinstance(child, Attention):
-            child.set_processor(CachedCrossAttentionProcessor(context, child.processor))
+            child.set_processor(CachedCrossAttentionProcessor(key, context, child.processor))
         return None
 
     swap_layers(unet, replacement)

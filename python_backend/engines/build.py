@@ -139,7 +139,7 @@ def build(request: BuildRequest, out: Path = DEFAULT_OUT, force: bool = False, p
     pipe = load_pipeline(request.model, torch.device("cpu"), EXPORT_DTYPES[request.precision])
     exporter = SegmentExporter(pipe, tuple(fields["units"]), Mode(request.mode), request.cut)
     patches = len(fields["units"])
-    per_rank = len(exporter.segments) + 1
+    per_rank = exporter.graphs_per_rank
     bar = tqdm(total=patches * per_rank * (2 if request.backend == "tensorrt" else 1), desc="exporting",
                unit="graph", file=sys.stderr, disable=not progress)
     for index in range(patches):

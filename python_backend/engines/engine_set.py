@@ -30,4 +30,5 @@ class EngineSet:
         have = {k: built[k] for k in wanted}
         if have != wanted:
             raise ValueError(f"the engines at {self.folder} were built for {have}, this generation needs {wanted}")
+        engine.begin_generation()
         return engine

@@ -3,7 +3,10 @@
 Input and output names (stable, documented in docs/engines.md):
   activations  "sample" | "hidden", "temb", "text", "skip{j}"  ->  "hidden_out" | "noise", "skip{j}"
   buffers      "stale.{layer}.{r}" for every rank r of the patch group  ->  "fresh.{layer}"
-The time embedding is its own graph: "timestep" [, "text_embeds", "time_ids"] -> "temb".
+  text K/V     "text_key.{layer}", "text_value.{layer}" of each cross-attention layer in the segment
+The time embedding is its own graph: "timestep" [, "text_embeds", "time_ids"] -> "temb"; so are the text
+keys and values, which depend on the text only and run once per generation: "text" -> "text_key.{layer}",
+"text_value.{layer}" for every cross-attention layer.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from ..core.layout import PatchLayout
 from ..core.model import unet_downsampling_factor
 from ..core.modes import Mode
 from ..core.patch_layers import patch_unet
-from .segments import SegmentIO, SegmentModule, ShapeRecorder, TimeEmbedding, partition
+from .segments import (SegmentIO, SegmentModule, ShapeRecorder, TextKeyValueInputs, TextKeyValues, TimeEmbedding,
+                       cross_attention_layers, partition)
 
 log = logging.getLogger("distrifusion.export")
 
 OPSET = 17
-EXPORT_FORMAT = 3  # bump when the graphs' contents or names change: it is part of the build cache key
+EXPORT_FORMAT = 4  # bump when the graphs' contents or names change: it is part of the build cache key
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
 ASYNC_STEP = 1 << 30  # any step past the warm-up
 
@@ -45,20 +49,25 @@ class _RecordingIO(SegmentIO):
 
 
 class _SegmentGraph(nn.Module):
-    """Flat positional tensors in and out, for torch.onnx.export."""
+    """Flat positional tensors in and out, for torch.onnx.export: activations, then every stale buffer's
+    per-rank tensors, then each cross-attention layer's text key and value."""
 
-    def __init__(self, module: SegmentModule, context: PatchContext, stale_keys, fresh_keys, size):
+    def __init__(self, module: SegmentModule, context: PatchContext, stale_keys, fresh_keys, size, text_layers):
         super().__init__()
         self.module, self.context = module, context
-        self.stale_keys, self.fresh_keys, self.size = stale_keys, fresh_keys, size
+        self.stale_keys, self.fresh_keys, self.size, self.text_layers = stale_keys, fresh_keys, size, text_layers
 
     def forward(self, *args):
         n_act = len(self.module.segment.inputs)
+        n_stale = len(self.stale_keys) * self.size
         tensors = dict(zip(self.module.segment.inputs, args[:n_act]))
-        flat = list(args[n_act:])
+        flat = list(args[n_act : n_act + n_stale])
         stale = {key: flat[i * self.size : (i + 1) * self.size] for i, key in enumerate(self.stale_keys)}
+        text = args[n_act + n_stale :]
+        supplied = {layer: (text[2 * i], text[2 * i + 1]) for i, layer in enumerate(self.text_layers)}
         io = SegmentIO(stale)
         self.context.exchange = io
+        self.context.text_key_values = TextKeyValueInputs(supplied)
         outputs = self.module(tensors)
         return tuple(outputs.values()) + tuple(io.fresh[key] for key in self.fresh_keys)
 
@@ -130,6 +139,12 @@ class SegmentExporter:
         self.context = PatchContext(PatchLayout(units, factor), ShapeRecorder(), self.mode, warmup_steps=1)
         patch_unet(pipe.unet, self.context)
         self.segments = partition(pipe.unet, cut)
+        self.has_text_key_values = bool(cross_attention_layers(pipe.unet))
+
+    @property
+    def graphs_per_rank(self) -> int:
+        """The time embedding, the segments and (with cross-attention) the text key/value graph."""
+        return 1 + len(self.segments) + int(self.has_text_key_values)
 
     def export(self, spec: ExportSpec, out_dir: Path, progress=None) -> dict:
         """Exports the time embedding and every segment of slab ``spec.index``; returns its manifest."""
@@ -161,28 +176,45 @@ class SegmentExporter:
             context.step = ASYNC_STEP
             zeros = {k: [torch.zeros(s, dtype=recorder.dtypes[k]) for s in shapes]
                      for k, shapes in recorder.shapes.items()}
+            text_examples = TextKeyValueInputs()  # computes each layer's text keys and values from the text
+            every_text_layer = []
             for segment, example in zip(self.segments, examples):
                 module = SegmentModule(unet, segment)
                 io = _RecordingIO(zeros)  # a dry asynchronous run tells which buffers go in and out
                 context.exchange = io
+                text_reads = context.text_key_values = TextKeyValueInputs()
                 module(example)
-                stale_keys, fresh_keys = list(io.read), list(io.fresh)
-                graph = _SegmentGraph(module, context, stale_keys, fresh_keys, layout.num_patches)
-                args = tuple(example[n] for n in segment.inputs) + tuple(t for k in stale_keys for t in zeros[k])
+                stale_keys, fresh_keys, text_layers = list(io.read), list(io.fresh), list(text_reads.read)
+                every_text_layer += text_layers
+                graph = _SegmentGraph(module, context, stale_keys, fresh_keys, layout.num_patches, text_layers)
+                attentions = cross_attention_layers(unet)
+                text_args = tuple(t for layer in text_layers
+                                  for t in text_examples.key_value(layer, attentions[layer], example["text"]))
+                args = (tuple(example[n] for n in segment.inputs) + tuple(t for k in stale_keys for t in zeros[k])
+                        + text_args)
                 input_names = list(segment.inputs) + [
                     f"stale.{k}.{r}" for k in stale_keys for r in range(layout.num_patches)
-                ]
+                ] + [f"text_{part}.{layer}" for layer in text_layers for part in ("key", "value")]
                 output_names = [output_name(segment, n) for n in segment.outputs] + [f"fresh.{k}" for k in fresh_keys]
                 path = out_dir / f"segment_{segment.name.replace('+', '_')}.onnx"
                 _export(graph, args, path, input_names, output_names)
                 manifest["segments"].append({
                     "name": segment.name, "file": path.name, "inputs": list(segment.inputs),
                     "outputs": list(segment.outputs), "output_names": output_names[: len(segment.outputs)],
-                    "stale": stale_keys, "fresh": fresh_keys,
+                    "stale": stale_keys, "fresh": fresh_keys, "text_kv": text_layers,
                 })
                 if progress:
                     progress(segment.name)
+            context.text_key_values = None
             manifest["buffers"] = {k: [list(s) for s in shapes] for k, shapes in recorder.shapes.items()}
+            manifest["text_kv"] = None
+            if every_text_layer:
+                path = out_dir / "text_key_values.onnx"
+                names = [f"text_{part}.{layer}" for layer in every_text_layer for part in ("key", "value")]
+                _export(TextKeyValues(unet, every_text_layer), (act_inputs["text"],), path, ["text"], names)
+                manifest["text_kv"] = {"file": path.name, "layers": every_text_layer}
+                if progress:
+                    progress("text_key_values")
         return manifest
 
 

@@ -13,7 +13,10 @@ run, so each must be used up before its runner runs again, and every runner here
 - its activations and skip connections: read by later segments of the same step;
 - the embedding's ``temb``: read by every segment of the same step;
 - the last segment's ``noise``: returned; the denoising loop builds the full output from it within the
-  same step (its concatenation copies it).
+  same step (its concatenation copies it);
+- the text key/value graph's outputs: the cross-attention layers' text keys and values, read by the
+  segments of every step of the generation. That graph runs once per generation (and again only for
+  other text), so its runner's outputs stay untouched until the cache they form is replaced.
 """
 
 from __future__ import annotations
@@ -44,6 +47,24 @@ class SegmentedUNet:
             for spec in self.manifest["segments"]
         ]
         self.shapes = {k: [tuple(s) for s in v] for k, v in self.manifest["buffers"].items()}
+        text_kv = self.manifest.get("text_kv")  # builds before export format 4 computed them in every segment
+        self.text_kv = None if text_kv is None else make_runner(
+            backend, rank_dir / _with_suffix(text_kv["file"], suffix), cuda_graph=False)  # runs once per generation
+        self._text_kv_cache: tuple | None = None  # (text tensor identity, the graph's outputs)
+
+    def begin_generation(self) -> None:
+        """Forgets the text keys and values: a new generation computes them from its own text."""
+        self._text_kv_cache = None
+
+    def text_key_values(self, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every cross-attention layer's text keys and values ("text_key.{layer}", "text_value.{layer}"),
+        computed at the first step of a generation (or when the text tensor changes) and reused after."""
+        if self.text_kv is None:
+            return {}
+        identity = (text.data_ptr(), text._version, tuple(text.shape), text.dtype, text.device)
+        if self._text_kv_cache is None or self._text_kv_cache[0] != identity:
+            self._text_kv_cache = (identity, self.text_kv.run({"text": text}))
+        return self._text_kv_cache[1]
 
     def __call__(self, sample: torch.Tensor, timestep, cond, exchange) -> torch.Tensor:
         batch = sample.shape[0]
@@ -51,8 +72,12 @@ class SegmentedUNet:
         if cond.added_cond_kwargs is not None:
             feeds.update(cond.added_cond_kwargs)  # each runner casts to what its graph declares
         tensors = {"sample": sample, "text": cond.prompt_embeds, "temb": self.embed.run(feeds)["temb"]}
+        text_kv = self.text_key_values(cond.prompt_embeds)
         for spec, runner in self.segments:
             feeds = {name: tensors[name] for name in spec["inputs"]}
+            for layer in spec.get("text_kv", ()):
+                feeds[f"text_key.{layer}"] = text_kv[f"text_key.{layer}"]
+                feeds[f"text_value.{layer}"] = text_kv[f"text_value.{layer}"]
             for key in spec["stale"]:
                 for r, tensor in enumerate(exchange.latest(key)):
                     feeds[f"stale.{key}.{r}"] = tensor

@@ -5,7 +5,9 @@ A *stage* is one piece of diffusers' UNet forward: ``down{i}`` (conv_in joins ``
 one stage per segment. Each segment reads named tensors ("sample" or "hidden", "temb", "text",
 "skip{j}") and writes named tensors ("hidden" or "noise", "skip{j}"). The patch-aware layers inside
 are the same modules the eager path runs; when a segment is exported, ``SegmentIO`` stands in for
-the exchange so that their stale buffers become inputs and their fresh buffers outputs.
+the exchange so that their stale buffers become inputs and their fresh buffers outputs, and
+``TextKeyValueInputs`` for the cross-attention layers' per-generation cache so that their text keys and
+values become inputs too (``TextKeyValues`` is the graph that makes them, once per generation).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..core.patch_layers import CachedCrossAttentionProcessor, text_key_value
 
 
 @dataclass(frozen=True)
@@ -201,3 +205,41 @@ class ShapeRecorder:
 
     def reset(self):
         """The recorded shapes stay: they are what this stand-in is for."""
+
+
+@dataclass
+class TextKeyValueInputs:
+    """Stands in for the cross-attention layers' per-generation cache inside a segment graph.
+
+    With ``supplied`` (layer -> (key, value), the graph's inputs) a layer reads its text keys and values
+    from there; without, they are computed from the text (a dry run, or the example values for an
+    export). Either way ``read`` notes which layers asked, in order."""
+
+    supplied: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    read: list[str] = field(default_factory=list)
+
+    def key_value(self, layer: str, attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.read:
+            self.read.append(layer)
+        if self.supplied is None:
+            return text_key_value(attn, text)
+        return self.supplied[layer]
+
+
+def cross_attention_layers(unet) -> dict[str, nn.Module]:
+    """The patched UNet's cross-attention layers whose text keys and values are cached, by layer key."""
+    return {processor.key: module for module in unet.modules()
+            if isinstance(processor := getattr(module, "processor", None), CachedCrossAttentionProcessor)}
+
+
+class TextKeyValues(nn.Module):
+    """text -> every listed cross-attention layer's text keys and values (key0, value0, key1, ...): run once
+    per generation, its outputs are the segments' ``text_key.{layer}`` / ``text_value.{layer}`` inputs."""
+
+    def __init__(self, unet, layers: list[str]):
+        super().__init__()
+        attentions = cross_attention_layers(unet)
+        self.attentions = nn.ModuleList(attentions[layer] for layer in layers)
+
+    def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t for attn in self.attentions for t in text_key_value(attn, text))
