@@ -82,6 +82,13 @@ FAULTS_LONG = 10_000  # steps it allows: many minutes of denoising, far longer t
 
 
 @pytest.fixture(scope="session")
+def engine_root(tmp_path_factory):
+    """One build cache for the engine tests of every module: a request some test already built is a cache hit
+    (the cache key covers everything a build depends on; tests/test_engines.py tests that it does)."""
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
 def faults_server(tiny_sdxl, tmp_path_factory):
     """One tritonserver for the fault, streaming and demo tests (test_faults.py, test_demo.py): short
     timeouts and very long generations allowed, so a test can start one and stop it."""

@@ -15,12 +15,11 @@ SIZE, STEPS = 64, 3
 
 
 @pytest.fixture(scope="module")
-def builds(tiny_sdxl, tmp_path_factory):
+def builds(tiny_sdxl, engine_root):
     from python_backend.engines.build import BuildRequest, build
 
-    out = tmp_path_factory.mktemp("fp16-engines")
     return {precision: build(BuildRequest(str(tiny_sdxl), SIZE, SIZE, 2, precision=precision, split_cfg=False),
-                             out, progress=False)
+                             engine_root, progress=False)
             for precision in ("fp32", "fp16")}
 
 

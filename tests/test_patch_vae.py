@@ -43,7 +43,7 @@ def single_device(tiny_sdxl, tiny_sd15):
     return latents, [vae_decode(_load_vae(str(m)), latents) for m in (tiny_sdxl, tiny_sd15)]
 
 
-@pytest.mark.parametrize("ranks", [2, 3, 4, 8])
+@pytest.mark.parametrize("ranks", [2, 3, 8])  # 3: an interior slab and unequal slabs; 8: two latent rows each
 def test_parallel_decoding_equals_one_device(ranks, single_device, tiny_sdxl, tiny_sd15):
     latents, expected = single_device
     decoded = run_on_ranks(ranks, _decode_on_ranks, ([str(tiny_sdxl), str(tiny_sd15)], latents))
