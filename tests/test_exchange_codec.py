@@ -11,8 +11,10 @@ from python_backend.core.exchange_codec import (
     channel_axis,
     compression_ratio,
     dequantize,
+    dequantize_two_level,
     pack,
     quantize,
+    quantize_two_level,
     should_compress,
     unpack,
 )
@@ -125,7 +127,14 @@ def test_compression_ratios():
     assert compression_ratio(CodecSpec.parse("float16"), kv, torch.float32) == 2
     assert compression_ratio(CodecSpec.parse("int8"), kv, torch.float32) == pytest.approx(4, rel=1e-3)
     assert compression_ratio(CodecSpec.parse("int8"), kv, torch.float16) == pytest.approx(2, rel=1e-3)
-    assert compression_ratio(CodecSpec.parse("int4+residual"), kv, torch.float16) == pytest.approx(4, rel=1e-3)
+    # int4: half a byte a value, and float32 scales per channel (640) and per token (2 x 4096)
+    int4_bytes = 2 * 4096 * 640 // 2 + 4 * (640 + 2 * 4096)
+    assert compression_ratio(CodecSpec.parse("int4+residual"), kv, torch.float16) == 2 * 4096 * 640 * 2 / int4_bytes
+    assert compression_ratio(CodecSpec.parse("int4+residual"), kv, torch.float16) > 3.9
+    # halo rows travel as int8 under int4 (their error shows at the seams)
+    assert CodecSpec.parse("int4+residual").format_for(HALO) == "int8"
+    assert CodecSpec.parse("int4+residual").wire_nbytes(HALO, torch.float16) == CodecSpec.parse("int8").wire_nbytes(
+        HALO, torch.float16)
     assert compression_ratio(CodecSpec.parse("int4+residual"), (2, 2, 32), torch.float32) == 1  # exact
 
 
@@ -167,12 +176,30 @@ def test_int8_layout_values_then_aligned_float32_scales():
     assert torch.equal(wire[start:].view(torch.float32), scales)
 
 
-def test_int4_nibbles_two_values_a_byte():
-    x = torch.tensor([[[-7.0], [7.0], [0.0], [3.0], [-1.0]]])  # one channel, scale 1
+def test_int4_nibbles_two_values_a_byte_then_channel_and_token_scales():
+    # channel maxima 7 and 2; token 1 reaches its channel's max, token 2 half of it, token 3 is zero
+    x = torch.tensor([[[-7.0, 2.0], [3.5, -0.6], [0.0, 0.0]]])
     wire = pack(x, CodecSpec.parse("int4+residual"))
-    assert wire[:3].tolist() == [(-7 + 8) | ((7 + 8) << 4), 8 | ((3 + 8) << 4), (-1 + 8) | (8 << 4)]
-    assert wire[4:].view(torch.float32).tolist() == [1.0]
-    assert torch.equal(unpack(wire, x.shape, x.dtype, CodecSpec.parse("int4+residual")), x)
+    q, channel, token = quantize_two_level(x, 7)
+    assert q.reshape(-1).tolist() == [-7, 7, 7, -4, 0, 0]  # -0.6 / 2 / (0.5 / 7) = -4.2
+    assert wire[:3].tolist() == [(-7 + 8) | ((7 + 8) << 4), (7 + 8) | ((-4 + 8) << 4), 8 | (8 << 4)]
+    assert torch.all(wire[3:4] == 0)  # to a float32 boundary
+    assert wire[4:].view(torch.float32).tolist() == pytest.approx([7.0, 2.0, 1 / 7, 0.5 / 7, 0.0])
+    decoded = unpack(wire, x.shape, x.dtype, CodecSpec.parse("int4+residual"))
+    assert torch.equal(decoded, dequantize_two_level(q, channel, token))
+    assert torch.allclose(decoded, torch.tensor([[[-7.0, 2.0], [3.5, -4 / 7], [0.0, 0.0]]]), atol=1e-6)
+
+
+def test_int4_token_scales_keep_a_quiet_token_when_another_changes_a_lot():
+    """Per-channel scales alone size every token's levels by the loudest token; the token scale gives a
+    quiet token levels of its own."""
+    x = torch.randn(1, 64, 32) * 1e-2
+    x[0, 0] = 10.0  # one token changes a lot in every channel
+    spec = CodecSpec.parse("int4+residual")
+    decoded = unpack(pack(x, spec), x.shape, x.dtype, spec)
+    quiet = slice(1, None)
+    assert _rel(decoded[:, quiet], x[:, quiet]) < 0.2  # per-channel scales alone would round them all to 0
+    assert torch.allclose(decoded[:, 0], x[:, 0])
 
 
 def test_encode_into_a_preallocated_slot_and_decode_from_an_unaligned_one():

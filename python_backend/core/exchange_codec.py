@@ -11,10 +11,14 @@ Formats (``CodecSpec``; command-line text ``<dtype>[+residual]``)
     float16     values cast to float16 (clamped to +-65504 so nothing overflows to inf).
     bfloat16    values cast to bfloat16.
     int8        symmetric per-channel quantisation: scale = max|x| / 127 per channel, q in [-127, 127].
-    int4        as int8 with 4 bits: scale = max|x| / 7, q in [-7, 7]; only with ``+residual``:
-                seven levels a side on raw activations cost ~16% relative L2 error, far more than a
-                step of staleness; on the small step-to-step change they are ample, and the error
-                feedback below re-sends what they miss.
+    int4        4 bits with two-level scales, for token buffers (attention K/V): each channel's max|x|
+                normalises it (y = x / c), then each token's max|y| / 7 is its scale (q in [-7, 7]), so
+                one token's large change does not coarsen every other token's. Only with
+                ``+residual``: seven levels a side on raw activations cost ~16% relative L2 error, far
+                more than a step of staleness; on the small step-to-step change they are ample, and the
+                error feedback below re-sends what they miss. Halo rows (4-D payloads) travel as int8
+                under this spec: they are the neighbours' exact pixels at the seams, where int4's error
+                showed directly (docs/compressed_exchange.md: it cost more than half int4's loss).
 
 Wire layout (``CodecSpec.wire_nbytes``): its length depends only on the buffer's shape, the source
 dtype and the spec, never on the values, so every step's all-gather has the same size.
@@ -22,7 +26,8 @@ dtype and the spec, never on the values, so every step's all-gather has the same
     int8:  [numel bytes: q as int8] [zero pad to a multiple of 4] [C x float32 scales]
     int4:  [ceil(numel / 2) bytes: byte i holds value 2i in its low nibble and 2i+1 in its high one,
            each stored as q + 8 in 1..15; an odd tail is padded with 8 (zero)]
-           [zero pad to a multiple of 4] [C x float32 scales]
+           [zero pad to a multiple of 4] [C x float32 channel scales] [B x T float32 token scales]
+           (the decoded value is q x token scale x channel scale)
 Values are in C (row-major) order of the buffer. C is the channel count of ``channel_axis``: dim 1
 of a 4-D NCHW halo payload [B, C, rows, W], the last dim of a 3-D token buffer [B, T, C] (attention
 K/V), one channel for anything else. A channel whose values are all zero gets scale 0 and decodes to
@@ -132,7 +137,13 @@ class CodecSpec:
             return numel * source_dtype.itemsize
         if self.dtype in _FLOAT_FORMATS:
             return numel * _FLOAT_FORMATS[self.dtype].itemsize
-        return _scales_offset(self.dtype, numel) + channel_count(shape) * SCALE_DTYPE.itemsize
+        fmt = self.format_for(shape)
+        return _scales_offset(fmt, numel) + _scale_count(fmt, shape) * SCALE_DTYPE.itemsize
+
+    def format_for(self, shape) -> str:
+        """The wire format of a compressed buffer of ``shape``: the spec's, except that halo rows (4-D)
+        travel as int8 under int4."""
+        return "int8" if self.dtype == "int4" and len(shape) == 4 else self.dtype
 
 
 NATIVE = CodecSpec()
@@ -183,7 +194,7 @@ def pack(values: torch.Tensor, spec: CodecSpec, out: torch.Tensor | None = None)
     if spec.dtype in _FLOAT_FORMATS:
         wire = _bytes_of(_cast(values, _FLOAT_FORMATS[spec.dtype]))
     elif spec.dtype in _INT_LEVELS:
-        return _pack_quantized(values, spec.dtype, out)
+        return _pack_quantized(values, spec.format_for(values.shape), out)
     else:
         wire = _bytes_of(values)
     if out is None:
@@ -199,7 +210,7 @@ def unpack(wire: torch.Tensor, shape, dtype: torch.dtype, spec: CodecSpec) -> to
     if spec.dtype in _FLOAT_FORMATS:
         return _reinterpret(wire, _FLOAT_FORMATS[spec.dtype], math.prod(shape)).view(shape)
     if spec.dtype in _INT_LEVELS:
-        return _unpack_quantized(wire, shape, spec.dtype)
+        return _unpack_quantized(wire, shape, spec.format_for(shape))
     return _reinterpret(wire, dtype, math.prod(shape)).view(shape)
 
 
@@ -228,6 +239,12 @@ def _scales_offset(fmt: str, numel: int) -> int:
     return -(-_payload_nbytes(fmt, numel) // _SCALE_ALIGNMENT) * _SCALE_ALIGNMENT
 
 
+def _scale_count(fmt: str, shape) -> int:
+    """Scales on the wire: one per channel, and for int4 also one per token (every position but the channel)."""
+    channels = channel_count(shape)
+    return channels + (math.prod(shape) // channels if fmt == "int4" else 0)
+
+
 def _broadcastable(scales: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
     shape = [1] * ndim
     if axis is not None:
@@ -251,8 +268,29 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * _broadcastable(scales, channel_axis(q.shape), q.ndim)
 
 
+def quantize_two_level(values: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel, then per-token quantisation of a token buffer [B, T, C]: (q as int8 in [-levels, levels],
+    float32 channel scales [C] (max|x|), float32 token scales [B x T] (max over channels of |x| / channel
+    scale, / levels)). Error: at most half a token scale x channel scale, never more than per-channel's."""
+    x = values.float()
+    channel = x.abs().amax(dim=(0, 1))
+    y = x / torch.where(channel > 0, channel, torch.ones_like(channel))
+    token = y.abs().amax(dim=2, keepdim=True) / levels
+    q = torch.round(y / torch.where(token > 0, token, torch.ones_like(token))).clamp_(-levels, levels)
+    return q.to(torch.int8), channel, token.reshape(-1)
+
+
+def dequantize_two_level(q: torch.Tensor, channel: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """float32 values of ``quantize_two_level``'s output."""
+    return q.float() * token.view(q.shape[0], q.shape[1], 1) * channel
+
+
 def _pack_quantized(values: torch.Tensor, fmt: str, out: torch.Tensor | None) -> torch.Tensor:
-    q, scales = quantize(values, _INT_LEVELS[fmt])
+    if fmt == "int4":
+        q, channel, token = quantize_two_level(values, _INT_LEVELS[fmt])
+        scales = torch.cat([channel, token])
+    else:
+        q, scales = quantize(values, _INT_LEVELS[fmt])
     payload = q.reshape(-1).view(torch.uint8) if fmt == "int8" else _pack_nibbles(q)
     start = _scales_offset(fmt, q.numel())
     total = start + scales.numel() * SCALE_DTYPE.itemsize
@@ -266,10 +304,12 @@ def _pack_quantized(values: torch.Tensor, fmt: str, out: torch.Tensor | None) ->
 def _unpack_quantized(wire: torch.Tensor, shape: tuple[int, ...], fmt: str) -> torch.Tensor:
     numel = math.prod(shape)
     start = _scales_offset(fmt, numel)
-    scales = _reinterpret(wire[start:], SCALE_DTYPE, channel_count(shape))
+    scales = _reinterpret(wire[start:], SCALE_DTYPE, _scale_count(fmt, shape))
     payload = wire[: _payload_nbytes(fmt, numel)]
-    q = payload.view(torch.int8) if fmt == "int8" else _unpack_nibbles(payload, numel)
-    return dequantize(q.view(shape), scales)
+    if fmt == "int8":
+        return dequantize(payload.view(torch.int8).view(shape), scales)
+    channels = channel_count(shape)
+    return dequantize_two_level(_unpack_nibbles(payload, numel).view(shape), scales[:channels], scales[channels:])
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
