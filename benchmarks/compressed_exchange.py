@@ -114,7 +114,9 @@ def write_report(path: Path, args, bytes_rows, psnr_rows) -> None:
         "",
         "`--exchange-dtype` (build, generate, the served setting `exchange_dtype`) sets how the asynchronous "
         "steps' stale buffers travel (core/exchange_codec.py): `native` as computed; `float16`/`bfloat16` "
-        "a narrower float (nothing for an fp16 model); `int8` symmetric per-channel scales; `+residual` only "
+        "a narrower float (nothing for an fp16 model); `int8` symmetric per-channel scales; `int4` (only with "
+        "`+residual`) 4-bit K/V with two-level scales (per channel, then per token) and halo rows as int8; "
+        "`+residual` only "
         "the change since the last exchanged version, quantized, with error feedback (the sender's reference "
         "is what the receivers reconstruct, so errors do not accumulate). Warm-up steps, GroupNorm moments "
         "and buffers under 64 KiB travel exact. "
