@@ -35,18 +35,15 @@ from comm_volume import SDXL_UNET_CONFIG, CountingExchange, build_unet, layer_ki
 
 from python_backend.core.context import PatchContext
 from python_backend.core.layout import PatchLayout
-from python_backend.core.model import load_pipeline, unet_downsampling_factor
+from python_backend.core.model import Conditioning, load_pipeline, unet_downsampling_factor
 from python_backend.core.modes import Mode
 from python_backend.core.patch_layers import patch_unet
-from python_backend.core.model import Conditioning
 from python_backend.engines.export import ExportSpec, SegmentExporter
 from python_backend.engines.segmented_unet import SegmentedUNet
 
 
 def sdxl_flops(ranks: list[int], size: int) -> list[tuple[int, float, float]]:
     """(N, rank 0's step FLOPs with the text keys and values computed, the same with them cached)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     unet = build_unet()
     factor = 2 ** (len(SDXL_UNET_CONFIG["block_out_channels"]) - 1)
     latent = size // 8
@@ -62,16 +59,20 @@ def sdxl_flops(ranks: list[int], size: int) -> list[tuple[int, float, float]]:
         context.begin_step(0)  # a synchronous step first: the asynchronous ones read what it published
         with torch.no_grad():
             unet(**inputs)
-        counts = []
-        for step in (context.warmup_steps, context.warmup_steps + 1):
-            if step == context.warmup_steps:
-                context.generation += 1  # as a new generation: the cross-attention layers' cache is empty
-            context.begin_step(step)
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                unet(**inputs)
-            counts.append(counter.get_total_flops())
-        rows.append((n, float(counts[0]), float(counts[1])))
+        context.generation += 1  # as if a new generation began: the cross-attention layers' cache is empty
+        computed = _step_flops(unet, context, inputs, context.warmup_steps)
+        cached = _step_flops(unet, context, inputs, context.warmup_steps + 1)
+        rows.append((n, computed, cached))
     return rows
+
+
+def _step_flops(unet, context, inputs, step: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    context.begin_step(step)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(**inputs)
+    return float(counter.get_total_flops())
 
 
 class ZeroBuffers:

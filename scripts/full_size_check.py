@@ -50,6 +50,7 @@ def main() -> None:
     from python_backend.engines.export import ExportSpec, SegmentExporter
     from python_backend.core.modes import Mode
     from python_backend.engines.runners import OnnxRuntimeRunner
+    from python_backend.engines.segments import text_kv_names
 
     report = {"size": args.size, "batch": args.batch, "index": args.index, "phases": {}}
     started = time.perf_counter()
@@ -98,9 +99,7 @@ def main() -> None:
         t0 = time.perf_counter()
         runner = OnnxRuntimeRunner(rank_dir / segment["file"])
         feeds = {name: tensors[name] for name in segment["inputs"]}
-        for layer in segment.get("text_kv", ()):
-            feeds[f"text_key.{layer}"] = text_kv[f"text_key.{layer}"]
-            feeds[f"text_value.{layer}"] = text_kv[f"text_value.{layer}"]
+        feeds.update({name: text_kv[name] for name in text_kv_names(segment.get("text_kv", ()))})
         for key in segment["stale"]:
             for r, shape in enumerate(buffers[key]):
                 feeds[f"stale.{key}.{r}"] = torch.zeros(shape)

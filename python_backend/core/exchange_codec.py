@@ -258,9 +258,13 @@ def quantize(values: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Ten
     axis = channel_axis(x.shape)
     reduced = [d for d in range(x.ndim) if d != axis]
     scales = (x.abs().amax(dim=reduced) / levels).reshape(-1)
-    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero channel: q = 0
-    q = torch.round(x / _broadcastable(divisor, axis, x.ndim)).clamp_(-levels, levels)
+    q = torch.round(x / _broadcastable(_divisor(scales), axis, x.ndim)).clamp_(-levels, levels)
     return q.to(torch.int8), scales
+
+
+def _divisor(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` with zeros replaced by one: an all-zero channel or token quantises to q = 0."""
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -274,9 +278,9 @@ def quantize_two_level(values: torch.Tensor, levels: int) -> tuple[torch.Tensor,
     scale, / levels)). Error: at most half a token scale x channel scale, never more than per-channel's."""
     x = values.float()
     channel = x.abs().amax(dim=(0, 1))
-    y = x / torch.where(channel > 0, channel, torch.ones_like(channel))
+    y = x / _divisor(channel)
     token = y.abs().amax(dim=2, keepdim=True) / levels
-    q = torch.round(y / torch.where(token > 0, token, torch.ones_like(token))).clamp_(-levels, levels)
+    q = torch.round(y / _divisor(token)).clamp_(-levels, levels)
     return q.to(torch.int8), channel, token.reshape(-1)
 
 

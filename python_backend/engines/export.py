@@ -25,7 +25,7 @@ from ..core.model import unet_downsampling_factor
 from ..core.modes import Mode
 from ..core.patch_layers import patch_unet
 from .segments import (SegmentIO, SegmentModule, ShapeRecorder, TextKeyValueInputs, TextKeyValues, TimeEmbedding,
-                       cross_attention_layers, partition)
+                       cross_attention_layers, partition, text_kv_names)
 
 log = logging.getLogger("distrifusion.export")
 
@@ -176,7 +176,6 @@ class SegmentExporter:
             context.step = ASYNC_STEP
             zeros = {k: [torch.zeros(s, dtype=recorder.dtypes[k]) for s in shapes]
                      for k, shapes in recorder.shapes.items()}
-            text_examples = TextKeyValueInputs()  # computes each layer's text keys and values from the text
             every_text_layer = []
             for segment, example in zip(self.segments, examples):
                 module = SegmentModule(unet, segment)
@@ -187,14 +186,11 @@ class SegmentExporter:
                 stale_keys, fresh_keys, text_layers = list(io.read), list(io.fresh), list(text_reads.read)
                 every_text_layer += text_layers
                 graph = _SegmentGraph(module, context, stale_keys, fresh_keys, layout.num_patches, text_layers)
-                attentions = cross_attention_layers(unet)
-                text_args = tuple(t for layer in text_layers
-                                  for t in text_examples.key_value(layer, attentions[layer], example["text"]))
                 args = (tuple(example[n] for n in segment.inputs) + tuple(t for k in stale_keys for t in zeros[k])
-                        + text_args)
+                        + tuple(t for pair in text_reads.read.values() for t in pair))  # the dry run's values
                 input_names = list(segment.inputs) + [
                     f"stale.{k}.{r}" for k in stale_keys for r in range(layout.num_patches)
-                ] + [f"text_{part}.{layer}" for layer in text_layers for part in ("key", "value")]
+                ] + text_kv_names(text_layers)
                 output_names = [output_name(segment, n) for n in segment.outputs] + [f"fresh.{k}" for k in fresh_keys]
                 path = out_dir / f"segment_{segment.name.replace('+', '_')}.onnx"
                 _export(graph, args, path, input_names, output_names)
@@ -210,8 +206,8 @@ class SegmentExporter:
             manifest["text_kv"] = None
             if every_text_layer:
                 path = out_dir / "text_key_values.onnx"
-                names = [f"text_{part}.{layer}" for layer in every_text_layer for part in ("key", "value")]
-                _export(TextKeyValues(unet, every_text_layer), (act_inputs["text"],), path, ["text"], names)
+                _export(TextKeyValues(unet, every_text_layer), (act_inputs["text"],), path, ["text"],
+                        text_kv_names(every_text_layer))
                 manifest["text_kv"] = {"file": path.name, "layers": every_text_layer}
                 if progress:
                     progress("text_key_values")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .runners import make_runner
+from .segments import text_kv_names
 
 log = logging.getLogger("distrifusion.engine_unet")
 
@@ -47,6 +48,7 @@ class SegmentedUNet:
             for spec in self.manifest["segments"]
         ]
         self.shapes = {k: [tuple(s) for s in v] for k, v in self.manifest["buffers"].items()}
+        self.text_kv_inputs = [text_kv_names(spec.get("text_kv", ())) for spec, _ in self.segments]
         text_kv = self.manifest.get("text_kv")  # builds before export format 4 computed them in every segment
         self.text_kv = None if text_kv is None else make_runner(
             backend, rank_dir / _with_suffix(text_kv["file"], suffix), cuda_graph=False)  # runs once per generation
@@ -73,11 +75,9 @@ class SegmentedUNet:
             feeds.update(cond.added_cond_kwargs)  # each runner casts to what its graph declares
         tensors = {"sample": sample, "text": cond.prompt_embeds, "temb": self.embed.run(feeds)["temb"]}
         text_kv = self.text_key_values(cond.prompt_embeds)
-        for spec, runner in self.segments:
+        for (spec, runner), text_kv_inputs in zip(self.segments, self.text_kv_inputs):
             feeds = {name: tensors[name] for name in spec["inputs"]}
-            for layer in spec.get("text_kv", ()):
-                feeds[f"text_key.{layer}"] = text_kv[f"text_key.{layer}"]
-                feeds[f"text_value.{layer}"] = text_kv[f"text_value.{layer}"]
+            feeds.update({name: text_kv[name] for name in text_kv_inputs})
             for key in spec["stale"]:
                 for r, tensor in enumerate(exchange.latest(key)):
                     feeds[f"stale.{key}.{r}"] = tensor

@@ -212,18 +212,22 @@ class TextKeyValueInputs:
     """Stands in for the cross-attention layers' per-generation cache inside a segment graph.
 
     With ``supplied`` (layer -> (key, value), the graph's inputs) a layer reads its text keys and values
-    from there; without, they are computed from the text (a dry run, or the example values for an
-    export). Either way ``read`` notes which layers asked, in order."""
+    from there; without, they are computed from the text (a dry run, whose values are then the example
+    inputs of the export). Either way ``read`` keeps what each layer got, in the order they asked."""
 
     supplied: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    read: list[str] = field(default_factory=list)
+    read: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def key_value(self, layer: str, attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.read:
-            self.read.append(layer)
-        if self.supplied is None:
-            return text_key_value(attn, text)
-        return self.supplied[layer]
+            self.read[layer] = text_key_value(attn, text) if self.supplied is None else self.supplied[layer]
+        return self.read[layer]
+
+
+def text_kv_names(layers) -> list[str]:
+    """The graph names of ``layers``' text keys and values, key then value per layer: the text key/value
+    graph's outputs and the segments' inputs."""
+    return [f"text_{part}.{layer}" for layer in layers for part in ("key", "value")]
 
 
 def cross_attention_layers(unet) -> dict[str, nn.Module]:
