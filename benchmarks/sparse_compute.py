@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_compute.py [--model DIR] [--height 1024 --width 1024] [--ranks 2 4 8]
                                         [--repeats 5] [--out docs/sparse_compute.md]
+    python benchmarks/sparse_compute.py --sdxl [--ranks 8] [--repeats 1] [--out docs/sparse_compute_sdxl.md]
 
 Measures the computation of a single rank, one thread, in one process: the rank's patched UNet runs
 its slab with a loopback exchange (the other slabs' buffers are zeros of the right shapes, delivered
@@ -12,6 +13,14 @@ latent. Target: at most 1.10 / N of the baseline.
 Each N runs twice, side by side: as patched now (keys and values projected by one fused product,
 cross-attention text keys and values computed once per generation) and as before that ("unfused":
 two projections and a concatenation, text keys and values every step).
+
+``--sdxl``: the real SDXL base UNet architecture (2.6 B parameters, seeded random weights, nothing
+downloaded) instead of the embedded model, whose 32-64 channels make a step thousands of operations too
+small to hide their per-call cost once the slab is an eighth. It needs ~14 GB of memory, and one
+1024x1024 step of the whole latent takes minutes on one thread, so it measures the baseline and the
+shipped step, on one copy of the weights patched in place after the baseline, side by side with the
+same step concatenating the gathered keys and values and the halo frames into fresh tensors (as before
+the context's workspace, core/workspace.py).
 """
 
 from __future__ import annotations
@@ -30,10 +39,7 @@ from python_backend.core.model import encode_prompt, load_pipeline
 from python_backend.core.modes import Mode
 from python_backend.core.patch_layers import CachedCrossAttentionProcessor, PatchSelfAttentionProcessor, patch_unet
 
-from common import model_or_tiny  # also puts the repository root on sys.path
-
-
-HAND_WRITTEN = "<!-- written by hand below this line; the benchmark keeps it -->"
+from common import model_or_tiny, write_report_keeping_notes  # also puts the repository root on sys.path
 
 
 class LoopbackExchange(BufferExchange):
@@ -61,24 +67,92 @@ def unfuse(unet) -> None:
             module.set_processor(processor.fallback)
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"  # the default reports, wherever this runs from
 WARM_CALLS = 3
+BASELINE_WARM_CALLS = 1  # the plain UNet has no exchange buffers to fill: one call warms the allocator
 """Untimed calls first: the synchronous warm-up step, then two asynchronous steps, because the exchange
 allocates each of its two alternating receive buffers on first use (once per process: later steps and
 generations reuse them); the timed calls are the steady state."""
 
 
-def time_steps(unet, inputs, repeats: int, before_each=None) -> float:
-    """Median seconds of one UNet call (batch 2, guided) over ``repeats`` calls after ``WARM_CALLS``."""
+def time_steps(unet, inputs, repeats: int, before_each=None, warm_calls: int = WARM_CALLS) -> float:
+    """Median seconds of one UNet call (batch 2, guided) over ``repeats`` calls after ``warm_calls``."""
     times = []
-    for i in range(repeats + WARM_CALLS):
+    for i in range(repeats + warm_calls):
         if before_each is not None:
             before_each(i)
         started = time.perf_counter()
         with torch.no_grad():
             unet(*inputs[0], **inputs[1])
-        if i >= WARM_CALLS:
+        if i >= warm_calls:
             times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def sdxl_unet_and_inputs(height: int, width: int):
+    """The SDXL base UNet (float32, seeded random weights: norms at identity, the rest N(0, 0.02)) and one
+    guided step's inputs (batch 2, random text embeddings of SDXL's widths)."""
+    from diffusers import UNet2DConditionModel
+
+    from comm_volume import POOLED_DIM, SDXL_UNET_CONFIG, TEXT_TOKENS
+
+    with torch.device("meta"):  # no time spent initialising weights that are overwritten below
+        unet = UNet2DConditionModel.from_config(SDXL_UNET_CONFIG)
+    unet = unet.to_empty(device="cpu").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            else:
+                for parameter in module.parameters(recurse=False):
+                    parameter.normal_(0.0, 0.02, generator=generator)
+    latent = torch.randn(2, SDXL_UNET_CONFIG["in_channels"], height // 8, width // 8, generator=generator)
+    text = torch.randn(2, TEXT_TOKENS, SDXL_UNET_CONFIG["cross_attention_dim"], generator=generator)
+    added = {"text_embeds": torch.randn(2, POOLED_DIM, generator=generator),
+             "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=torch.float32)}
+    return unet, ((latent, torch.tensor(500)), {"encoder_hidden_states": text, "added_cond_kwargs": added})
+
+
+def patched_in_place(unet, n: int, height: int, factor: int, unfused: bool = False) -> PatchContext:
+    """Patches ``unet`` in place as the middle slab of ``n`` (it borrows halos from both neighbours)
+    with a loopback exchange; returns the context, its generation begun."""
+    index = n // 2
+    layout = PatchLayout.split(height // 8, n, factor, index)
+    context = PatchContext(layout, LoopbackExchange(None, index, n), Mode.CORRECTED_ASYNC_GN, warmup_steps=1)
+    patch_unet(unet, context)
+    if unfused:
+        unfuse(unet)
+    context.begin_generation()
+    return context
+
+
+def sdxl_rows(args) -> list[tuple[int, str, float]]:
+    """The baseline and the shipped step per N on the SDXL architecture (one copy of the weights: the
+    baseline first, then the same modules patched, their context's layout changed per N)."""
+    torch.set_flush_denormal(True)  # random weights: keep subnormal arithmetic from skewing either side
+    unet, inputs = sdxl_unet_and_inputs(args.height, args.width)
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    print("SDXL UNet built; timing the whole latent (minutes per call on one thread) ...", flush=True)
+    baseline = time_steps(unet, inputs, args.repeats, warm_calls=BASELINE_WARM_CALLS)
+    print(f"N=1 diffusers SDXL UNet: {baseline * 1000:.0f} ms/step", flush=True)
+    rows = [(1, "diffusers SDXL UNet, whole latent", baseline)]
+    context = patched_in_place(unet, args.ranks[0], args.height, factor)
+    workspace = context.workspace
+    for n in args.ranks:
+        index = n // 2
+        context.layout = PatchLayout.split(args.height // 8, n, factor, index)
+        context.exchange = LoopbackExchange(None, index, n)
+        for variant in (workspace, None):
+            context.workspace = variant
+            context.begin_generation()
+            seconds = time_steps(unet, inputs, args.repeats, before_each=context.begin_step)
+            what = "shipped" if variant is not None else "fresh concatenations"
+            rows.append((n, f"patched SDXL UNet ({what}), rank {index} of {n}, asynchronous step", seconds))
+            print(f"N={n} {what} rank {index}: {seconds * 1000:.0f} ms/step = {seconds / baseline:.4f} of N=1 "
+                  f"(target <= {1.10 / n:.4f})", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -88,9 +162,17 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("docs/sparse_compute.md"))
+    parser.add_argument("--sdxl", action="store_true",
+                        help="the real SDXL UNet architecture with random weights (needs ~14 GB; minutes per step)")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.sdxl:
+        out = args.out or DOCS / "sparse_compute_sdxl.md"
+        write_sdxl_report(out, sdxl_rows(args), args)
+        print(f"wrote {out}")
+        return
+    args.out = args.out or DOCS / "sparse_compute.md"
 
     model = model_or_tiny(args.model)
     pipe = load_pipeline(model, torch.device("cpu"))
@@ -109,13 +191,8 @@ def main() -> None:
             unet = type(pipe.unet).from_config(pipe.unet.config)
             unet.load_state_dict(state)
             unet.eval()
-            index = n // 2  # a middle slab: it borrows halos from both neighbours
-            layout = PatchLayout.split(args.height // 8, n, factor, index)
-            context = PatchContext(layout, LoopbackExchange(None, index, n), Mode.CORRECTED_ASYNC_GN, warmup_steps=1)
-            patch_unet(unet, context)
-            if variant == "unfused":
-                unfuse(unet)
-            context.begin_generation()
+            index = n // 2
+            context = patched_in_place(unet, n, args.height, factor, unfused=variant == "unfused")
             # step 0 is the synchronous warm-up that fills the buffers; the timed steps are asynchronous
             seconds = time_steps(unet, inputs, args.repeats, before_each=context.begin_step)
             what = f"patched UNet ({variant}), rank {index} of {n}, asynchronous step"
@@ -149,9 +226,41 @@ def main() -> None:
         target = f"<= {1.10 / n:.3f}" if n > 1 else "-"
         lines.append(f"| {n} | {what} | {seconds * 1000:.1f} | {seconds / baseline:.3f} | {target} |")
     lines.append("")
-    kept = args.out.read_text().partition(HAND_WRITTEN)[2] if args.out.exists() else ""
-    args.out.write_text("\n".join(lines) + "\n" + HAND_WRITTEN + (kept or "\n"))
+    write_report_keeping_notes(args.out, lines)
     print(f"wrote {args.out}")
+
+
+def write_sdxl_report(out: Path, rows, args) -> None:
+    lines = [
+        "# Sparse computation on the SDXL architecture: one rank's UNet time per step",
+        "",
+        f"The real SDXL base UNet configuration (2.6 B parameters, seeded random weights, float32), "
+        f"{args.height}x{args.width} (latent {args.height // 8}x{args.width // 8}), batch 2 (guided, no CFG split), "
+        f"one thread, one process, median of {args.repeats} call(s) after {BASELINE_WARM_CALLS} untimed one for "
+        f"the baseline and {WARM_CALLS} for a patched step (the synchronous warm-up and the first use of the "
+        "exchange's two receive buffers), `corrected_async_gn` asynchronous steps. *shipped*: the step as it "
+        "runs (fused key and value projection, text keys and values once per generation, the gathered keys "
+        "and values and the halo frames concatenated into the context's reused workspace); *fresh "
+        "concatenations*: the same with a fresh tensor for every concatenation, as before the workspace. The other slabs' buffers come from "
+        "a loopback exchange (zeros, no network): this is the rank's computation alone. Target: at most "
+        "1.10 / N of the single-device time.",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        f"python benchmarks/sparse_compute.py --sdxl --height {args.height} --width {args.width} "
+        f"--ranks {' '.join(map(str, args.ranks))} --repeats {args.repeats}",
+        "```",
+        "",
+        "| N | what runs | ms / step | ratio to N = 1 | target |",
+        "|---|---|---|---|---|",
+    ]
+    baseline = rows[0][2]
+    for n, what, seconds in rows:
+        target = f"<= {1.10 / n:.4f}" if n > 1 else "-"
+        lines.append(f"| {n} | {what} | {seconds * 1000:.0f} | {seconds / baseline:.4f} | {target} |")
+    lines.append("")
+    write_report_keeping_notes(out, lines)
 
 
 if __name__ == "__main__":

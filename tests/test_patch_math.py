@@ -45,16 +45,35 @@ def test_group_moments_combine_to_torch_group_norm():
     x = torch.randn(2, 8, 12, 6) * 2 + 0.5
     layout = PatchLayout((3, 2, 1), 2)
     slabs = _slabs(x, layout)
-    moments = patch_math.weighted_moments([patch_math.group_moments(s, 4) for s in slabs], layout.weights())
+    moments = patch_math.weighted_moments(torch.stack([patch_math.group_moments(s, 4) for s in slabs]),
+                                          torch.tensor(layout.weights()))
     var = patch_math.variance(moments)
     out = torch.cat([patch_math.group_normalize(s, norm, moments[0], var) for s in slabs], dim=2)
     torch.testing.assert_close(out, norm(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_normalize_in_half_precision_matches_torch_in_float32(dtype, affine):
+    # the scale and shift are folded in float32: a half-precision slab comes out within its own rounding
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8, affine=affine)
+    if affine:
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-1, 1)
+    x = (torch.randn(2, 8, 6, 5) * 3 + 4).to(dtype)
+    moments = patch_math.group_moments(x, 4)
+    out = patch_math.group_normalize(x, norm.to(dtype), moments[0], patch_math.variance(moments))
+    assert out.dtype == dtype
+    expected = torch.nn.functional.group_norm(x.float(), 4, norm.weight.float() if affine else None,
+                                              norm.bias.float() if affine else None, norm.eps)
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.02 if dtype is torch.bfloat16 else 0.003)
+
+
 def test_corrected_moments_shift_stale_global_by_local_change():
-    stale = [torch.full((2, 1, 1), v) for v in (1.0, 3.0)]
+    stale = torch.stack([torch.full((2, 1, 1), v) for v in (1.0, 3.0)])
     fresh = torch.full((2, 1, 1), 2.0)
-    corrected = patch_math.corrected_moments(stale, fresh, 0, [0.5, 0.5])
+    corrected = patch_math.corrected_moments(stale, fresh, 0, torch.tensor([0.5, 0.5]))
     # stale global 2.0, plus the local change 2.0 - 1.0 (not weighted)
     assert torch.allclose(corrected, torch.full((2, 1, 1), 3.0))
 
@@ -66,12 +85,12 @@ def test_the_within_slab_variance_bounds_the_whole_maps_variance_from_below():
     x[:, :, :6] += 3.0  # slab means far apart: the whole variance is well above the slabs' own
     weights = torch.tensor(layout.weights())
     slabs = [patch_math.group_moments(s, 4) for s in _slabs(x, layout)]
-    whole = patch_math.variance(patch_math.weighted_moments(slabs, layout.weights()))
+    whole = patch_math.variance(patch_math.weighted_moments(torch.stack(slabs), weights))
     floor = patch_math.within_slab_variance(torch.stack(slabs), weights)
     assert (floor <= whole + 1e-5).all() and (floor < 0.5 * whole).all()
     same = torch.randn(2, 8, 12, 6)  # every slab the same statistics: the bound is nearly tight
     slabs = [patch_math.group_moments(s, 4) for s in _slabs(same, layout)]
-    whole = patch_math.variance(patch_math.weighted_moments(slabs, layout.weights()))
+    whole = patch_math.variance(patch_math.weighted_moments(torch.stack(slabs), weights))
     torch.testing.assert_close(patch_math.within_slab_variance(torch.stack(slabs), weights), whole, rtol=0.1, atol=0)
 
 

@@ -81,3 +81,69 @@ def test_cross_attention_keys_are_computed_once_per_generation_and_the_output_is
         expected = reference_pipe.unet(sample, 500, encoder_hidden_states=other, added_cond_kwargs=added).sample
         assert calls[0] == layers * 3
         assert relative_l2(got, expected) < 1e-5
+
+
+def test_the_workspace_hands_one_tensor_per_purpose_and_shape_and_releases_the_unasked():
+    from python_backend.core.workspace import Workspace
+
+    workspace = Workspace()
+    parts = [torch.randn(2, 3, 4), torch.randn(2, 5, 4)]
+    first = workspace.concatenated("keys and values", parts, dim=1)
+    assert torch.equal(first, torch.cat(parts, dim=1))
+    again = workspace.concatenated("keys and values", [p + 1 for p in parts], dim=1)
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, torch.cat(parts, dim=1) + 1)
+    assert workspace.concatenated("halo frame", parts, dim=1).data_ptr() != first.data_ptr()
+    assert workspace.concatenated("keys and values", [p.half() for p in parts], dim=1).dtype == torch.float16
+    workspace.release_unasked()  # everything was asked for since the last release: kept
+    held = workspace.nbytes
+    workspace.concatenated("keys and values", parts, dim=1)
+    workspace.release_unasked()  # the halo frame and the float16 tensor were not: released
+    assert workspace.nbytes == 2 * 8 * 4 * 4 < held
+
+
+def _workspace_job(ranks, model):
+    """Two copies of the tiny UNet patched as this rank's slab of 2, one concatenating into the context's
+    workspace and one into fresh tensors, through four steps (one synchronous, three asynchronous, each
+    with another latent); the outputs, the allocations of concatenations in the last step, and how many
+    concatenations the patch layers make in a step (one per self-attention and per halo convolution)."""
+    import torch.distributed as dist
+
+    from python_backend.core.patch_layers import PatchConv2d, PatchSelfAttentionProcessor
+    from python_backend.core.workspace import Workspace
+    from test_exchange import _AllocationCounter
+
+    outputs, cat_allocations = {}, {}
+    for name, workspace in (("workspace", Workspace()), ("fresh", None)):
+        pipe = load_pipeline(model, torch.device("cpu"))
+        layout = PatchLayout.split(16, 2, 4, ranks.rank)
+        context = PatchContext(layout, BufferExchange(dist.group.WORLD, ranks.rank, 2), workspace=workspace)
+        patch_unet(pipe.unet, context)
+        context.begin_generation()
+        _, text, added = _unet_inputs(pipe)
+        outputs[name] = []
+        with torch.no_grad():
+            for step in range(4):
+                context.begin_step(step)
+                sample, _, _ = _unet_inputs(pipe, seed=step)
+                with _AllocationCounter() as counter:
+                    outputs[name].append(pipe.unet(sample, 900 - 200 * step, encoder_hidden_states=text,
+                                                   added_cond_kwargs=added).sample)
+            cat_allocations[name] = [a for a in counter.allocations if "cat" in a]
+        context.end_generation()
+    layer_concatenations = sum(isinstance(m, PatchConv2d) or isinstance(getattr(m, "processor", None),
+                                                                        PatchSelfAttentionProcessor)
+                               for m in pipe.unet.modules())
+    return outputs, cat_allocations, layer_concatenations
+
+
+def test_concatenating_into_the_workspace_changes_no_value_and_allocates_no_concatenation(tiny_sdxl):
+    """The gathered keys and values and the halo frames reuse one tensor per shape, layer after layer and
+    step after step; a reader that still needed an earlier layer's would see this one's values instead."""
+    from python_backend.core.ranks import run_on_ranks
+
+    outputs, cat_allocations, layer_concatenations = run_on_ranks(2, _workspace_job, (str(tiny_sdxl),))
+    for step, (got, expected) in enumerate(zip(outputs["workspace"], outputs["fresh"])):
+        assert torch.equal(got, expected), step
+    assert layer_concatenations > 10
+    # what still allocates is the UNet's own (skip connections, embeddings) and the published halo rows
+    assert len(cat_allocations["fresh"]) - len(cat_allocations["workspace"]) == layer_concatenations

@@ -14,6 +14,7 @@ from .layout import PatchLayout
 from .modes import ASYNC_GROUP_NORM, DEFAULT_MODE, DEFAULT_WARMUP_STEPS, GroupNormSource, Mode
 from .parallel import synchronous_steps
 from .transport import BufferTransport
+from .workspace import Workspace, building_a_graph
 
 
 class TextKeyValueSource(Protocol):
@@ -32,10 +33,16 @@ class PatchContext:
     # Where cross-attention layers take their text keys and values instead of their per-generation cache:
     # set only while segment graphs are exported, where they are graph inputs (engines/segments.py)
     text_key_values: TextKeyValueSource | None = None
+    # Scratch for the concatenations layers make and read at once (gathered keys and values, halo frames);
+    # None: fresh tensors each time (a one-shot pass such as the VAE decoder, whose many shapes are not
+    # worth keeping between requests)
+    workspace: Workspace | None = field(default_factory=Workspace, repr=False, compare=False)
     _weights_on: dict = field(default_factory=dict, repr=False, compare=False)  # (weights, device) -> tensor
 
     def begin_generation(self) -> None:
         self.exchange.reset()
+        if self.workspace is not None:
+            self.workspace.release_unasked()
         self.generation += 1
         self.step = 0
         self.exchange.step = 0
@@ -88,29 +95,34 @@ class PatchContext:
             self.exchange.start(key, fresh, shapes)
         return [fresh if r == self.index else t for r, t in enumerate(stale)]
 
+    def concatenated(self, purpose: str, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        """``torch.cat(parts, dim)``, into the workspace's scratch tensor for ``purpose`` where there is one
+        (see core/workspace.py for who may read it how long); a fresh tensor while a graph is traced."""
+        if self.workspace is None or len(parts) == 1 or building_a_graph():
+            return torch.cat(parts, dim)
+        return self.workspace.concatenated(purpose, parts, dim)
+
     def group_norm_moments(self, key: str, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance [B, G] for this slab's GroupNorm given its fresh moments [2, B, G]."""
-        weights = self.layout.weights()
         if self.alone:
             return fresh[0], patch_math.variance(fresh)
+        weights = self._slab_weights(self.layout.weights(), fresh.device)
         source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
         shapes = [tuple(fresh.shape)] * self.layout.num_patches
         if source is GroupNormSource.CURRENT:
-            moments = patch_math.weighted_moments(self.exchange.gather(key, fresh, shapes), weights)
+            moments = patch_math.weighted_moments(torch.stack(self.exchange.gather(key, fresh, shapes)), weights)
         elif source is GroupNormSource.LOCAL:
             moments = fresh
         else:
             stale = self.exchange.latest(key)
             self.exchange.start(key, fresh, shapes)
-            mixed = [fresh if r == self.index else t for r, t in enumerate(stale)]
+            mixed = torch.stack([fresh if r == self.index else t for r, t in enumerate(stale)])
             if source is GroupNormSource.CORRECTED:
-                moments = patch_math.corrected_moments(stale, fresh, self.index, weights)
+                moments = patch_math.corrected_moments(torch.stack(stale), fresh, self.index, weights)
                 # The corrected E[x^2] - E[x]^2 cancels badly where one slab's mean moved far (an object
                 # appearing in it); a variance near zero then multiplies that group's activations
                 # (docs/quality.md). The slabs' own variances bound it from below.
-                slab_weights = self._slab_weights(weights, fresh.device)
-                floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(torch.stack(mixed),
-                                                                                            slab_weights)
+                floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(mixed, weights)
                 return moments[0], patch_math.corrected_variance(moments, fresh, floor)
             moments = patch_math.weighted_moments(mixed, weights)
         return moments[0], patch_math.variance(moments)

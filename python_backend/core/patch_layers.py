@@ -12,6 +12,7 @@ from torch import nn
 
 from . import patch_math
 from .context import PatchContext
+from .workspace import building_a_graph
 
 
 class PatchConv2d(nn.Module):
@@ -33,7 +34,7 @@ class PatchConv2d(nn.Module):
         payloads = self.context.activations(self.key, payload, [tuple(payload.shape)] * self.context.layout.num_patches,
                                             neighbours_only=True)
         above, below = patch_math.neighbour_rows(payloads, self.context.index, self.halo, x)
-        return patch_math.conv_rows(self.conv, torch.cat([above, x, below], dim=2))
+        return patch_math.conv_rows(self.conv, self.context.concatenated("halo frame", [above, x, below], dim=2))
 
 
 class SlicedInputConv(nn.Module):
@@ -134,7 +135,7 @@ class CachedCrossAttentionProcessor:
     def _text_key_value(self, attn, text: torch.Tensor):
         if self.context.text_key_values is not None:
             return self.context.text_key_values.key_value(self.key, attn, text)
-        if _building_a_graph():
+        if building_a_graph():
             return text_key_value(attn, text)  # symbolic values: nothing to cache
         identity = (self.context.generation, text.data_ptr(), text._version, tuple(text.shape), text.dtype, text.device)
         if self._cached is None or self._cached[0] != identity:
@@ -163,7 +164,7 @@ class FusedKeyValue:
         k, v = attn.to_k, attn.to_v
         if type(k) is not nn.Linear or type(v) is not nn.Linear:  # adapters (LoRA) run as they are
             return torch.cat([k(hidden_states), v(hidden_states)], dim=-1)
-        if _building_a_graph():
+        if building_a_graph():
             # a graph being exported: the concatenated weights are written inline (the exporter folds
             # them into one constant), nothing is cached from traced values
             return nn.functional.linear(hidden_states, torch.cat([k.weight, v.weight]), _fused_bias(k, v))
@@ -175,13 +176,6 @@ class FusedKeyValue:
             self._bias = None if bias is None else bias.detach()
             self._made_from = source
         return nn.functional.linear(hidden_states, self._weight, self._bias)
-
-
-def _building_a_graph() -> bool:
-    """Whether this forward is being traced or exported (TorchScript, ONNX, torch.export or compile):
-    then values are symbolic, nothing may be cached from them and no data pointer can be read."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
 
 
 def _fused_bias(k: nn.Linear, v: nn.Linear) -> torch.Tensor | None:
@@ -207,7 +201,7 @@ def attend_over_all_slabs(context: PatchContext, layer_key: str, query, key_valu
     """This slab's queries over every slab's keys and values, which travel as one buffer per layer
     (``key_value``: [B, T, 2C], keys then values; the slabs' tokens in rank order)."""
     shapes = [(key_value.shape[0], t, key_value.shape[2]) for t in context.layout.scaled(key_value.shape[1])]
-    gathered = torch.cat(context.activations(layer_key, key_value, shapes), dim=1)
+    gathered = context.concatenated("keys and values", context.activations(layer_key, key_value, shapes), dim=1)
     full_key, full_value = gathered.split(key_value.shape[-1] // 2, dim=-1)
     return patch_math.attention(query, full_key, full_value, heads, scale)
 

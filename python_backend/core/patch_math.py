@@ -105,16 +105,16 @@ def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([flat.mean(dim=-1), flat.square().mean(dim=-1)])
 
 
-def weighted_moments(moments: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Moments of the whole map from each slab's moments, weighted by element count."""
-    total = moments[0] * weights[0]
-    for m, w in zip(moments[1:], weights[1:]):
-        total = total + m * w
-    return total
+def weighted_moments(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Moments of the whole map from the slabs' stacked moments [N, 2, B, G], weighted by each slab's
+    share of the elements (``weights``: [N], float32). A few operations whatever N: this runs for every
+    GroupNorm of every step, where one small operation per slab cost more than the normalization."""
+    return _weighted_sum(weights, moments)
 
 
-def corrected_moments(stale: list[torch.Tensor], fresh: torch.Tensor, index: int, weights: list[float]):
-    """Stale global moments shifted by how much this slab's moments moved since the last step."""
+def corrected_moments(stale: torch.Tensor, fresh: torch.Tensor, index: int, weights: torch.Tensor) -> torch.Tensor:
+    """Stale global moments (from the stacked stale slab moments [N, 2, B, G]) shifted by how much this
+    slab's moments moved since the last step."""
     return weighted_moments(stale, weights) + (fresh - stale[index])
 
 
@@ -130,7 +130,13 @@ def within_slab_variance(moments: torch.Tensor, weights: torch.Tensor) -> torch.
     weights [N]: a lower bound on the whole map's variance (law of total variance: the whole variance adds
     the spread of the slab means to it). One pass over the stack, whatever N: this runs in every step."""
     own = moments[:, 1] - moments[:, 0].square()
-    return torch.tensordot(weights, own, dims=1).clamp_min(0)
+    return _weighted_sum(weights, own).clamp_min(0)
+
+
+def _weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``sum_r weights[r] * stacked[r]``; a product and a sum (two graph nodes when exported, where
+    ``tensordot`` becomes a dozen shape operations around an Einsum)."""
+    return (weights.view((-1,) + (1,) * (stacked.ndim - 1)) * stacked).sum(dim=0)
 
 
 def variance(moments: torch.Tensor) -> torch.Tensor:
@@ -146,13 +152,17 @@ def corrected_variance(moments: torch.Tensor, local: torch.Tensor, floor: torch.
 
 
 def group_normalize(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
-    """Applies GroupNorm with given per-(sample, group) mean and variance [B, G]."""
+    """Applies GroupNorm with given per-(sample, group) mean and variance [B, G] (float32).
+
+    As torch's own kernel does: the normalization and the affine transform fold into one scale and one
+    shift per (sample, channel), computed in float32, so ``x`` is read once (``x * scale + shift``)
+    instead of once per elementwise step; the result has ``x``'s dtype."""
     batch, groups = mean.shape
-    shape = x.shape
-    flat = x.reshape(batch, groups, -1).float()
-    y = (flat - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-    y = y.reshape(shape).to(x.dtype)
+    scale = torch.rsqrt(var + norm.eps)[:, :, None]  # [B, G, 1]
     if norm.affine:
-        affine_shape = (1, -1) + (1,) * (len(shape) - 2)
-        y = y * norm.weight.view(affine_shape) + norm.bias.view(affine_shape)
-    return y
+        scale = scale * norm.weight.float().view(1, groups, -1)  # [B, G, C / G]
+        shift = norm.bias.float().view(1, groups, -1) - mean[:, :, None] * scale
+    else:
+        shift = -mean[:, :, None] * scale
+    flat = x.reshape(batch, groups, x.shape[1] // groups, -1)
+    return torch.addcmul(shift[..., None], flat, scale[..., None]).reshape(x.shape).to(x.dtype)

@@ -97,8 +97,9 @@ class ParallelVaeDecoder:
             raise ValueError("a parallel decoder needs a VAE or its built engines")
         self.vae, self.engine = vae, engine
         self.exchange = exchange or BufferExchange(group, index, size, record=False, retain=False)
+        # no workspace: one pass per request through many shapes, whose scratch would outlive the decode
         self.context = PatchContext(decoder_layout(size, size, index), self.exchange, mode=Mode.FULL_SYNC,
-                                    warmup_steps=0)
+                                    warmup_steps=0, workspace=None)
         if engine is None:
             patch_vae_decoder(vae, self.context)
 

@@ -30,7 +30,7 @@ from .segments import (SegmentIO, SegmentModule, ShapeRecorder, TextKeyValueInpu
 log = logging.getLogger("distrifusion.export")
 
 OPSET = 17
-EXPORT_FORMAT = 4  # bump when the graphs' contents or names change: it is part of the build cache key
+EXPORT_FORMAT = 5  # bump when the graphs' contents or names change: it is part of the build cache key
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights; protobuf's hard limit is 2 GiB
 ASYNC_STEP = 1 << 30  # any step past the warm-up
 

@@ -26,7 +26,7 @@ from ..core.model import unscale_latents
 from ..core.modes import Mode
 from ..core.patch_vae import decoder_layout, patch_vae_decoder
 
-VAE_EXPORT_FORMAT = 2  # bump when the pieces' contents or names change: it is part of the build cache key
+VAE_EXPORT_FORMAT = 3  # bump when the pieces' contents or names change: it is part of the build cache key
 
 
 @torch.library.custom_op("distrifusion::gather_slabs", mutates_args=())
