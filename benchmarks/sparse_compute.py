@@ -20,7 +20,7 @@ small to hide their per-call cost once the slab is an eighth. It needs ~14 GB of
 1024x1024 step of the whole latent takes minutes on one thread, so it measures the baseline and the
 shipped step, on one copy of the weights patched in place after the baseline, side by side with the
 same step concatenating the gathered keys and values and the halo frames into fresh tensors (as before
-the context's workspace, core/workspace.py).
+the context's workspace, core/workspace.py), the two taking turns call by call.
 """
 
 from __future__ import annotations
@@ -89,6 +89,25 @@ def time_steps(unet, inputs, repeats: int, before_each=None, warm_calls: int = W
     return statistics.median(times)
 
 
+def interleaved_steps(unet, inputs, context: PatchContext, workspaces: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of one asynchronous step per workspace variant, the variants taking turns call by
+    call (after ``WARM_CALLS`` of each), so that a drift of the machine's speed over the minutes a
+    full-size run takes falls on both alike."""
+    times = {name: [] for name in workspaces}
+    step = 0
+    with torch.no_grad():
+        for turn in range(WARM_CALLS + repeats):
+            for name, workspace in workspaces.items():
+                context.workspace = workspace
+                context.begin_step(step)
+                step += 1
+                started = time.perf_counter()
+                unet(*inputs[0], **inputs[1])
+                if turn >= WARM_CALLS:
+                    times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def sdxl_unet_and_inputs(height: int, width: int):
     """The SDXL base UNet (float32, seeded random weights: norms at identity, the rest N(0, 0.02)) and one
     guided step's inputs (batch 2, random text embeddings of SDXL's widths)."""
@@ -144,14 +163,14 @@ def sdxl_rows(args) -> list[tuple[int, str, float]]:
         index = n // 2
         context.layout = PatchLayout.split(args.height // 8, n, factor, index)
         context.exchange = LoopbackExchange(None, index, n)
-        for variant in (workspace, None):
-            context.workspace = variant
-            context.begin_generation()
-            seconds = time_steps(unet, inputs, args.repeats, before_each=context.begin_step)
-            what = "shipped" if variant is not None else "fresh concatenations"
+        context.begin_generation()
+        times = interleaved_steps(unet, inputs, context, {"shipped": workspace, "fresh concatenations": None},
+                                  args.repeats)
+        for what, seconds in times.items():
             rows.append((n, f"patched SDXL UNet ({what}), rank {index} of {n}, asynchronous step", seconds))
             print(f"N={n} {what} rank {index}: {seconds * 1000:.0f} ms/step = {seconds / baseline:.4f} of N=1 "
                   f"(target <= {1.10 / n:.4f})", flush=True)
+        context.workspace = workspace
     return rows
 
 
@@ -241,7 +260,7 @@ def write_sdxl_report(out: Path, rows, args) -> None:
         "exchange's two receive buffers), `corrected_async_gn` asynchronous steps. *shipped*: the step as it "
         "runs (fused key and value projection, text keys and values once per generation, the gathered keys "
         "and values and the halo frames concatenated into the context's reused workspace); *fresh "
-        "concatenations*: the same with a fresh tensor for every concatenation, as before the workspace. The other slabs' buffers come from "
+        "concatenations*: the same with a fresh tensor for every concatenation, as before the workspace; the two take turns call by call. The other slabs' buffers come from "
         "a loopback exchange (zeros, no network): this is the rank's computation alone. Target: at most "
         "1.10 / N of the single-device time.",
         "",
