@@ -47,6 +47,9 @@ def test_group_moments_combine_to_torch_group_norm():
     slabs = _slabs(x, layout)
     moments = patch_math.weighted_moments(torch.stack([patch_math.group_moments(s, 4) for s in slabs]),
                                           torch.tensor(layout.weights()))
+    # the synchronous steps' form (a list and Python floats, what torch.export can trace) agrees
+    torch.testing.assert_close(patch_math.weighted_moments([patch_math.group_moments(s, 4) for s in slabs],
+                                                           layout.weights()), moments)
     var = patch_math.variance(moments)
     out = torch.cat([patch_math.group_normalize(s, norm, moments[0], var) for s in slabs], dim=2)
     torch.testing.assert_close(out, norm(x), rtol=1e-4, atol=1e-5)

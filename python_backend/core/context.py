@@ -106,14 +106,14 @@ class PatchContext:
         """Mean and variance [B, G] for this slab's GroupNorm given its fresh moments [2, B, G]."""
         if self.alone:
             return fresh[0], patch_math.variance(fresh)
-        weights = self._slab_weights(self.layout.weights(), fresh.device)
         source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
         shapes = [tuple(fresh.shape)] * self.layout.num_patches
-        if source is GroupNormSource.CURRENT:
-            moments = patch_math.weighted_moments(torch.stack(self.exchange.gather(key, fresh, shapes)), weights)
+        if source is GroupNormSource.CURRENT:  # Python float weights: see weighted_moments
+            moments = patch_math.weighted_moments(self.exchange.gather(key, fresh, shapes), self.layout.weights())
         elif source is GroupNormSource.LOCAL:
             moments = fresh
         else:
+            weights = self._slab_weights(self.layout.weights(), fresh.device)
             stale = self.exchange.latest(key)
             self.exchange.start(key, fresh, shapes)
             mixed = torch.stack([fresh if r == self.index else t for r, t in enumerate(stale)])

@@ -105,11 +105,19 @@ def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([flat.mean(dim=-1), flat.square().mean(dim=-1)])
 
 
-def weighted_moments(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Moments of the whole map from the slabs' stacked moments [N, 2, B, G], weighted by each slab's
-    share of the elements (``weights``: [N], float32). A few operations whatever N: this runs for every
-    GroupNorm of every step, where one small operation per slab cost more than the normalization."""
-    return _weighted_sum(weights, moments)
+def weighted_moments(moments: torch.Tensor | list[torch.Tensor], weights: torch.Tensor | list[float]) -> torch.Tensor:
+    """Moments of the whole map from the slabs' moments (stacked [N, 2, B, G], or a list), weighted by each
+    slab's share of the elements. ``weights`` as a float32 tensor [N]: a product and a sum whatever N (the
+    asynchronous steps, where this runs for every GroupNorm of every step and one small operation per slab
+    cost more than the normalization). As Python floats: one term per slab, what a graph traced with
+    ``torch.export`` can hold (a tensor made inside it becomes a lifted constant that the ONNX export
+    refuses): the synchronous steps, which the VAE decoder's pieces are traced from."""
+    if isinstance(weights, torch.Tensor):
+        return _weighted_sum(weights, moments)
+    total = moments[0] * weights[0]
+    for m, w in zip(moments[1:], weights[1:]):
+        total = total + m * w
+    return total
 
 
 def corrected_moments(stale: torch.Tensor, fresh: torch.Tensor, index: int, weights: torch.Tensor) -> torch.Tensor:
