@@ -69,10 +69,10 @@ def unfuse(unet) -> None:
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"  # the default reports, wherever this runs from
 WARM_CALLS = 3
-BASELINE_WARM_CALLS = 1  # the plain UNet has no exchange buffers to fill: one call warms the allocator
 """Untimed calls first: the synchronous warm-up step, then two asynchronous steps, because the exchange
 allocates each of its two alternating receive buffers on first use (once per process: later steps and
 generations reuse them); the timed calls are the steady state."""
+BASELINE_WARM_CALLS = 1  # the plain UNet has no exchange buffers to fill: one call warms the allocator
 
 
 def time_steps(unet, inputs, repeats: int, before_each=None, warm_calls: int = WARM_CALLS) -> float:
@@ -157,13 +157,16 @@ def sdxl_rows(args) -> list[tuple[int, str, float]]:
     baseline = time_steps(unet, inputs, args.repeats, warm_calls=BASELINE_WARM_CALLS)
     print(f"N=1 diffusers SDXL UNet: {baseline * 1000:.0f} ms/step", flush=True)
     rows = [(1, "diffusers SDXL UNet, whole latent", baseline)]
-    context = patched_in_place(unet, args.ranks[0], args.height, factor)
-    workspace = context.workspace
+    context = None
     for n in args.ranks:
         index = n // 2
-        context.layout = PatchLayout.split(args.height // 8, n, factor, index)
-        context.exchange = LoopbackExchange(None, index, n)
-        context.begin_generation()
+        if context is None:
+            context = patched_in_place(unet, n, args.height, factor)
+            workspace = context.workspace
+        else:  # the same patched modules as another slab: the layers read the layout from the context
+            context.layout = PatchLayout.split(args.height // 8, n, factor, index)
+            context.exchange = LoopbackExchange(None, index, n)
+            context.begin_generation()
         times = interleaved_steps(unet, inputs, context, {"shipped": workspace, "fresh concatenations": None},
                                   args.repeats)
         for what, seconds in times.items():
@@ -210,8 +213,8 @@ def main() -> None:
             unet = type(pipe.unet).from_config(pipe.unet.config)
             unet.load_state_dict(state)
             unet.eval()
-            index = n // 2
             context = patched_in_place(unet, n, args.height, factor, unfused=variant == "unfused")
+            index = context.index
             # step 0 is the synchronous warm-up that fills the buffers; the timed steps are asynchronous
             seconds = time_steps(unet, inputs, args.repeats, before_each=context.begin_step)
             what = f"patched UNet ({variant}), rank {index} of {n}, asynchronous step"
@@ -238,14 +241,8 @@ def main() -> None:
         f"--ranks {' '.join(map(str, args.ranks))} --repeats {args.repeats}",
         "```",
         "",
-        "| N | what runs | ms / step | ratio to N = 1 | target |",
-        "|---|---|---|---|---|",
     ]
-    for n, what, seconds in rows:
-        target = f"<= {1.10 / n:.3f}" if n > 1 else "-"
-        lines.append(f"| {n} | {what} | {seconds * 1000:.1f} | {seconds / baseline:.3f} | {target} |")
-    lines.append("")
-    write_report_keeping_notes(args.out, lines)
+    write_report_keeping_notes(args.out, lines + table_lines(rows, ms_digits=1, ratio_digits=3))
     print(f"wrote {args.out}")
 
 
@@ -271,15 +268,19 @@ def write_sdxl_report(out: Path, rows, args) -> None:
         f"--ranks {' '.join(map(str, args.ranks))} --repeats {args.repeats}",
         "```",
         "",
-        "| N | what runs | ms / step | ratio to N = 1 | target |",
-        "|---|---|---|---|---|",
     ]
+    write_report_keeping_notes(out, lines + table_lines(rows, ms_digits=0, ratio_digits=4))
+
+
+def table_lines(rows: list[tuple[int, str, float]], ms_digits: int, ratio_digits: int) -> list[str]:
+    """The report's table: ``rows`` of (N, what runs, seconds), the first being the baseline."""
     baseline = rows[0][2]
+    lines = ["| N | what runs | ms / step | ratio to N = 1 | target |", "|---|---|---|---|---|"]
     for n, what, seconds in rows:
-        target = f"<= {1.10 / n:.4f}" if n > 1 else "-"
-        lines.append(f"| {n} | {what} | {seconds * 1000:.0f} | {seconds / baseline:.4f} | {target} |")
-    lines.append("")
-    write_report_keeping_notes(out, lines)
+        target = f"<= {1.10 / n:.{ratio_digits}f}" if n > 1 else "-"
+        lines.append(f"| {n} | {what} | {seconds * 1000:.{ms_digits}f} | {seconds / baseline:.{ratio_digits}f} "
+                     f"| {target} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

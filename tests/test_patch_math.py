@@ -45,8 +45,8 @@ def test_group_moments_combine_to_torch_group_norm():
     x = torch.randn(2, 8, 12, 6) * 2 + 0.5
     layout = PatchLayout((3, 2, 1), 2)
     slabs = _slabs(x, layout)
-    moments = patch_math.weighted_moments(torch.stack([patch_math.group_moments(s, 4) for s in slabs]),
-                                          torch.tensor(layout.weights()))
+    moments = patch_math.weighted_sum(torch.tensor(layout.weights()),
+                                      torch.stack([patch_math.group_moments(s, 4) for s in slabs]))
     # the synchronous steps' form (a list and Python floats, what torch.export can trace) agrees
     torch.testing.assert_close(patch_math.weighted_moments([patch_math.group_moments(s, 4) for s in slabs],
                                                            layout.weights()), moments)
@@ -88,12 +88,12 @@ def test_the_within_slab_variance_bounds_the_whole_maps_variance_from_below():
     x[:, :, :6] += 3.0  # slab means far apart: the whole variance is well above the slabs' own
     weights = torch.tensor(layout.weights())
     slabs = [patch_math.group_moments(s, 4) for s in _slabs(x, layout)]
-    whole = patch_math.variance(patch_math.weighted_moments(torch.stack(slabs), weights))
+    whole = patch_math.variance(patch_math.weighted_sum(weights, torch.stack(slabs)))
     floor = patch_math.within_slab_variance(torch.stack(slabs), weights)
     assert (floor <= whole + 1e-5).all() and (floor < 0.5 * whole).all()
     same = torch.randn(2, 8, 12, 6)  # every slab the same statistics: the bound is nearly tight
     slabs = [patch_math.group_moments(s, 4) for s in _slabs(same, layout)]
-    whole = patch_math.variance(patch_math.weighted_moments(torch.stack(slabs), weights))
+    whole = patch_math.variance(patch_math.weighted_sum(weights, torch.stack(slabs)))
     torch.testing.assert_close(patch_math.within_slab_variance(torch.stack(slabs), weights), whole, rtol=0.1, atol=0)
 
 

@@ -14,7 +14,8 @@ from .layout import PatchLayout
 from .modes import ASYNC_GROUP_NORM, DEFAULT_MODE, DEFAULT_WARMUP_STEPS, GroupNormSource, Mode
 from .parallel import synchronous_steps
 from .transport import BufferTransport
-from .workspace import Workspace, building_a_graph
+from .tracing import building_a_graph
+from .workspace import Workspace
 
 
 class TextKeyValueSource(Protocol):
@@ -108,7 +109,7 @@ class PatchContext:
             return fresh[0], patch_math.variance(fresh)
         source = GroupNormSource.CURRENT if self.synchronous else ASYNC_GROUP_NORM[self.mode]
         shapes = [tuple(fresh.shape)] * self.layout.num_patches
-        if source is GroupNormSource.CURRENT:  # Python float weights: see weighted_moments
+        if source is GroupNormSource.CURRENT:
             moments = patch_math.weighted_moments(self.exchange.gather(key, fresh, shapes), self.layout.weights())
         elif source is GroupNormSource.LOCAL:
             moments = fresh
@@ -124,7 +125,7 @@ class PatchContext:
                 # (docs/quality.md). The slabs' own variances bound it from below.
                 floor = patch_math.VARIANCE_FLOOR_SHARE * patch_math.within_slab_variance(mixed, weights)
                 return moments[0], patch_math.corrected_variance(moments, fresh, floor)
-            moments = patch_math.weighted_moments(mixed, weights)
+            moments = patch_math.weighted_sum(weights, mixed)
         return moments[0], patch_math.variance(moments)
 
     def _slab_weights(self, weights: list[float], device: torch.device) -> torch.Tensor:

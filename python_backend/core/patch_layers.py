@@ -12,7 +12,7 @@ from torch import nn
 
 from . import patch_math
 from .context import PatchContext
-from .workspace import building_a_graph
+from .tracing import building_a_graph
 
 
 class PatchConv2d(nn.Module):

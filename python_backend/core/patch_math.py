@@ -105,15 +105,12 @@ def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.stack([flat.mean(dim=-1), flat.square().mean(dim=-1)])
 
 
-def weighted_moments(moments: torch.Tensor | list[torch.Tensor], weights: torch.Tensor | list[float]) -> torch.Tensor:
-    """Moments of the whole map from the slabs' moments (stacked [N, 2, B, G], or a list), weighted by each
-    slab's share of the elements. ``weights`` as a float32 tensor [N]: a product and a sum whatever N (the
-    asynchronous steps, where this runs for every GroupNorm of every step and one small operation per slab
-    cost more than the normalization). As Python floats: one term per slab, what a graph traced with
-    ``torch.export`` can hold (a tensor made inside it becomes a lifted constant that the ONNX export
-    refuses): the synchronous steps, which the VAE decoder's pieces are traced from."""
-    if isinstance(weights, torch.Tensor):
-        return _weighted_sum(weights, moments)
+def weighted_moments(moments: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Moments of the whole map from each slab's moments, weighted by element count: one term per slab
+    with Python float weights, which a graph traced with ``torch.export`` can hold (a weights tensor made
+    inside it becomes a lifted constant that the ONNX export refuses). The synchronous steps use it (the
+    VAE decoder's pieces are traced from them); the asynchronous ones, run for every GroupNorm of every
+    step, use ``weighted_sum`` over the stacked moments instead."""
     total = moments[0] * weights[0]
     for m, w in zip(moments[1:], weights[1:]):
         total = total + m * w
@@ -123,7 +120,7 @@ def weighted_moments(moments: torch.Tensor | list[torch.Tensor], weights: torch.
 def corrected_moments(stale: torch.Tensor, fresh: torch.Tensor, index: int, weights: torch.Tensor) -> torch.Tensor:
     """Stale global moments (from the stacked stale slab moments [N, 2, B, G]) shifted by how much this
     slab's moments moved since the last step."""
-    return weighted_moments(stale, weights) + (fresh - stale[index])
+    return weighted_sum(weights, stale) + (fresh - stale[index])
 
 
 VARIANCE_FLOOR_SHARE = 0.5
@@ -138,12 +135,13 @@ def within_slab_variance(moments: torch.Tensor, weights: torch.Tensor) -> torch.
     weights [N]: a lower bound on the whole map's variance (law of total variance: the whole variance adds
     the spread of the slab means to it). One pass over the stack, whatever N: this runs in every step."""
     own = moments[:, 1] - moments[:, 0].square()
-    return _weighted_sum(weights, own).clamp_min(0)
+    return weighted_sum(weights, own).clamp_min(0)
 
 
-def _weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """``sum_r weights[r] * stacked[r]``; a product and a sum (two graph nodes when exported, where
-    ``tensordot`` becomes a dozen shape operations around an Einsum)."""
+def weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``sum_r weights[r] * stacked[r]`` for stacked slab data [N, ...] and float32 ``weights`` [N]: a product
+    and a sum whatever N (two graph nodes when exported, where ``tensordot`` becomes a dozen shape
+    operations around an Einsum)."""
     return (weights.view((-1,) + (1,) * (stacked.ndim - 1)) * stacked).sum(dim=0)
 
 

@@ -1,12 +1,11 @@
 """Scratch tensors that a layer fills and reads before the next layer runs.
 
 A self-attention's gathered keys and values (every slab's, in rank order) and a convolution's slab
-framed by its halo rows are concatenations made in every step and read at once. Allocated fresh each
-time, a large one costs more than the copy into it: on the 2-core CPU a fresh 21 MB tensor took
-7.5 ms to fill against 1.5 ms for the same copy into a reused one (page faults), and the gathered
-keys and values were the largest single excess of an N = 8 step of the SDXL architecture
-(docs/sparse_compute.md). The workspace keeps one tensor per (purpose, shape, dtype, device) and
-hands it to every layer and step that asks for the same: a steady-state step allocates none of them.
+framed by its halo rows are concatenations made in every step and read at once. The workspace keeps
+one tensor per (purpose, shape, dtype, device) and hands it to every layer and step that asks for the
+same: a steady-state step allocates none of them (what CUDA graph capture wants: fixed addresses). It
+is not a speed-up on the CPU: in a steady state the allocator hands back the blocks the previous layer
+freed, and the SDXL step measured the same with and without it (docs/sparse_compute_sdxl.md).
 
 The rule that makes sharing safe: whoever asks must be done reading the result before the next call
 for the same purpose and shape. The layers that use it read it in the next operation (attention, the
@@ -16,13 +15,6 @@ convolution) and keep only what that operation returns; on a GPU those operation
 from __future__ import annotations
 
 import torch
-
-
-def building_a_graph() -> bool:
-    """Whether this forward is being traced or exported (TorchScript, ONNX, torch.export or compile):
-    then values are symbolic, nothing may be cached from them and no data pointer can be read."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
 
 
 class Workspace:
